@@ -1,0 +1,56 @@
+# The two commands: `make demo` and `make test` (see README.md). Both create .venv and install the
+# pinned stack (constraints.txt) on first use; later runs reuse it.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The CUDA fbgemm-gpu wheel only loads where an NVIDIA driver is present.
+FBGEMM := $(shell if nvidia-smi >/dev/null 2>&1; then echo fbgemm-gpu; else echo fbgemm-gpu-cpu; fi)
+KAFKA_LIB := deploy/kafka/lib/.resolved
+PYTEST_ARGS ?=
+
+.PHONY: install demo test servers-up servers-down bench-storage tools
+
+install: $(STAMP)
+
+$(STAMP): constraints.txt setup.cfg pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip setuptools wheel
+	$(VPY) -m pip install -q -c constraints.txt torch $(FBGEMM)
+	$(VPY) -m pip install -q -c constraints.txt -e '.[test]'
+	# torchrec declares the CUDA fbgemm-gpu wheel as a dependency: its real deps are installed above.
+	$(VPY) -m pip install -q -c constraints.txt --no-deps torchrec
+	$(VPY) -c "import torchrec_hps; torchrec_hps.check_environment(verbose=True)"
+	touch $(STAMP)
+
+# Test servers: Redis from Debian's package, the Kafka broker from Maven Central (run with Java 17).
+tools: $(KAFKA_LIB)
+	@command -v redis-server >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server redis-tools; }
+	@command -v java >/dev/null || { echo "Java 17 is needed to run the test Kafka broker (apt-get install openjdk-17-jre-headless)"; exit 1; }
+
+$(KAFKA_LIB): deploy/kafka/pom.xml
+	@command -v mvn >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q maven; }
+	rm -rf deploy/kafka/lib
+	mvn -q -B -f deploy/kafka/pom.xml dependency:copy-dependencies -DoutputDirectory=lib -DincludeScope=runtime
+	touch $@
+
+servers-up: $(STAMP) tools
+	$(VPY) -m tests.servers up
+
+servers-down:
+	$(VPY) -m tests.servers down
+
+# Starts the servers, runs pytest, stops the servers (also when pytest fails). pytest's exit 5
+# (no tests collected) fails the target like any other non-zero exit.
+test: $(STAMP) tools
+	@$(VPY) -m tests.servers up || { $(VPY) -m tests.servers down; exit 1; }; \
+	$(VPY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	$(VPY) -m tests.servers down; exit $$rc
+
+demo: $(STAMP)
+	$(VPY) -m apps.cli demo
+
+bench-storage: $(STAMP) tools
+	@$(VPY) -m tests.servers up || exit 1; \
+	$(VPY) -m apps.bench_storage $(BENCH_ARGS); rc=$$?; \
+	$(VPY) -m tests.servers down; exit $$rc

@@ -1,0 +1,399 @@
+"""Real servers for the test suite, all on 127.0.0.1 on fixed high ports.
+
+- one standalone Redis (``redis-server`` from Debian's package),
+- a 3-node Redis Cluster (3 primaries, no replicas, ``cluster-require-full-coverage no`` so that the
+  surviving nodes keep serving while one is down),
+- one Apache Kafka broker in KRaft mode (combined broker + controller), jars resolved from Maven
+  Central by ``deploy/kafka/pom.xml`` and run with the machine's Java 17.
+
+``python -m tests.servers up|down|status`` is what ``make test`` calls; tests use ``SERVERS`` to stop,
+kill and restart one server in fault tests. Starting is idempotent: a server that already answers is
+left alone.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+STATE = ROOT / ".servers"
+HOST = "127.0.0.1"
+REDIS_PORT = 16379
+CLUSTER_PORTS = (17001, 17002, 17003)
+KAFKA_PORT = 19092
+KAFKA_CONTROLLER_PORT = 19093
+KAFKA_LIB = ROOT / "deploy" / "kafka" / "lib"
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+def _port_open(port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _wait(predicate, what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise ServerError(f"{what} did not come up within {timeout:.0f}s")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0); treat it as dead.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@dataclass
+class RedisServer:
+    port: int
+    cluster: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"redis-{'cluster-' if self.cluster else ''}{self.port}"
+
+    @property
+    def dir(self) -> Path:
+        return STATE / self.name
+
+    @property
+    def pidfile(self) -> Path:
+        return self.dir / "redis.pid"
+
+    def pid(self) -> Optional[int]:
+        try:
+            pid = int(self.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _pid_alive(pid) else None
+
+    def is_up(self) -> bool:
+        return _port_open(self.port) and self._ping()
+
+    def _ping(self) -> bool:
+        import redis
+
+        try:
+            return bool(redis.Redis(host=HOST, port=self.port, socket_timeout=0.5).ping())
+        except Exception:
+            return False
+
+    def start(self, fresh: bool = True) -> None:
+        if self.is_up():
+            return
+        if shutil.which("redis-server") is None:
+            raise ServerError("redis-server is not installed: run `make tools` (Debian package redis-server)")
+        if fresh and self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        conf = [
+            f"port {self.port}",
+            f"bind {HOST}",
+            "protected-mode no",
+            "daemonize yes",
+            f"pidfile {self.pidfile}",
+            f"dir {self.dir}",
+            "logfile redis.log",
+            'save ""',
+            "appendonly no",
+        ]
+        if self.cluster:
+            conf += [
+                "cluster-enabled yes",
+                "cluster-config-file nodes.conf",
+                "cluster-node-timeout 2000",
+                "cluster-require-full-coverage no",
+            ]
+        (self.dir / "redis.conf").write_text("\n".join(conf) + "\n")
+        subprocess.run(["redis-server", str(self.dir / "redis.conf")], check=True)
+        _wait(self.is_up, self.name, 20)
+
+    def stop(self) -> None:
+        """Graceful shutdown (no save)."""
+        pid = self.pid()
+        if pid is None:
+            return
+        try:
+            import redis
+
+            redis.Redis(host=HOST, port=self.port, socket_timeout=1).shutdown(nosave=True)
+        except Exception:
+            pass
+        self._wait_gone(pid)
+
+    def kill(self) -> None:
+        """SIGKILL: the node vanishes mid-request, as in a crash."""
+        pid = self.pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            self._wait_gone(pid)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start(fresh=False)
+
+    def _wait_gone(self, pid: int) -> None:
+        _wait(lambda: not _pid_alive(pid) and not _port_open(self.port), f"{self.name} stop", 20)
+
+
+class RedisCluster:
+    def __init__(self, ports=CLUSTER_PORTS) -> None:
+        self.nodes = [RedisServer(p, cluster=True) for p in ports]
+
+    def _cluster_ok(self) -> bool:
+        import redis
+
+        try:
+            for node in self.nodes:
+                info = redis.Redis(host=HOST, port=node.port, socket_timeout=0.5).execute_command("CLUSTER INFO")
+                if info.get("cluster_state") != "ok" or int(info.get("cluster_known_nodes", 0)) != len(self.nodes):
+                    return False
+            return True
+        except Exception:
+            return False
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start(fresh=True)
+        if self._cluster_ok():
+            return
+        import redis
+
+        for node in self.nodes:  # a half-formed cluster from an earlier run: start over
+            r = redis.Redis(host=HOST, port=node.port)
+            r.flushall()
+            r.execute_command("CLUSTER RESET HARD")
+        cmd = ["redis-cli", "--cluster", "create", *[f"{HOST}:{n.port}" for n in self.nodes],
+               "--cluster-replicas", "0", "--cluster-yes"]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise ServerError(f"redis-cli --cluster create failed: {out.stdout}\n{out.stderr}")
+        _wait(self._cluster_ok, "redis cluster state ok", 30)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def wait_ok(self, timeout: float = 30) -> None:
+        _wait(self._cluster_ok, "redis cluster state ok", timeout)
+
+
+class KafkaBroker:
+    """A single KRaft node (broker + controller)."""
+
+    def __init__(self, port: int = KAFKA_PORT, controller_port: int = KAFKA_CONTROLLER_PORT) -> None:
+        self.port = port
+        self.controller_port = controller_port
+        self.dir = STATE / f"kafka-{port}"
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.dir / "kafka.pid"
+
+    def pid(self) -> Optional[int]:
+        try:
+            pid = int(self.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _pid_alive(pid) else None
+
+    def is_up(self) -> bool:
+        if not _port_open(self.port):
+            return False
+        from confluent_kafka.admin import AdminClient
+
+        try:
+            md = AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=2)
+            return len(md.brokers) > 0
+        except Exception:
+            return False
+
+    def _java(self) -> List[str]:
+        java = shutil.which("java")
+        if java is None:
+            raise ServerError("java (17+) is needed for the test Kafka broker")
+        if not KAFKA_LIB.exists():
+            raise ServerError(f"Kafka jars missing in {KAFKA_LIB}: run `make tools`")
+        return [java, "-Xms256m", "-Xmx768m", "-XX:+UseG1GC", "-XX:TieredStopAtLevel=1",
+                f"-Dlog4j2.configurationFile={self.dir / 'log4j2.properties'}",
+                "-cp", f"{KAFKA_LIB}/*"]
+
+    def _write_config(self) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@{HOST}:{self.controller_port}",
+            "listeners": f"PLAINTEXT://{HOST}:{self.port},CONTROLLER://{HOST}:{self.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://{HOST}:{self.port}",
+            "controller.listener.names": "CONTROLLER",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "log.dirs": str(self.dir / "data"),
+            "num.partitions": "4",
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "4",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            "auto.create.topics.enable": "true",
+            "message.max.bytes": str(1024 * 1024),
+        }
+        path = self.dir / "server.properties"
+        path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        (self.dir / "log4j2.properties").write_text(
+            "status = error\n"
+            "appender.file.type = File\nappender.file.name = FILE\n"
+            f"appender.file.fileName = {self.dir / 'server.log'}\n"
+            "appender.file.layout.type = PatternLayout\n"
+            "appender.file.layout.pattern = [%d] %p %m (%c)%n\n"
+            "rootLogger.level = WARN\nrootLogger.appenderRef.file.ref = FILE\n"
+        )
+        return path
+
+    def start(self, fresh: bool = True) -> None:
+        if self.is_up():
+            return
+        if self.pid() is not None:  # still starting (or stuck): give it a chance first
+            try:
+                _wait(self.is_up, "kafka broker", 60)
+                return
+            except ServerError:
+                self.kill()
+        if fresh and self.dir.exists():
+            shutil.rmtree(self.dir)
+        config = self._write_config()
+        if fresh or not (self.dir / "data" / "meta.properties").exists():
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+            out = subprocess.run(
+                self._java() + ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)],
+                capture_output=True, text=True)
+            if out.returncode != 0:
+                raise ServerError(f"kafka storage format failed:\n{out.stdout}\n{out.stderr}")
+        log = open(self.dir / "stdout.log", "ab")
+        proc = subprocess.Popen(self._java() + ["kafka.Kafka", str(config)], stdout=log, stderr=log,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        self.pidfile.write_text(str(proc.pid))
+        try:
+            _wait(self.is_up, "kafka broker", 90)
+        except ServerError as e:
+            tail = (self.dir / "stdout.log").read_text(errors="replace")[-3000:]
+            raise ServerError(f"{e}\n--- kafka stdout.log tail ---\n{tail}") from None
+
+    def _signal(self, sig: int, timeout: float) -> None:
+        pid = self.pid()
+        if pid is None:
+            return
+        os.kill(pid, sig)
+        _wait(lambda: not _pid_alive(pid), "kafka stop", timeout)
+        _wait(lambda: not _port_open(self.port), "kafka port release", 10)
+
+    def stop(self) -> None:
+        try:
+            self._signal(signal.SIGTERM, 60)
+        except ServerError:
+            self.kill()
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL, 20)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start(fresh=False)
+
+
+@dataclass
+class Servers:
+    redis: RedisServer
+    cluster: RedisCluster
+    kafka: KafkaBroker
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{HOST}:{self.redis.port}"
+
+    @property
+    def cluster_nodes(self) -> List[str]:
+        return [f"{HOST}:{n.port}" for n in self.cluster.nodes]
+
+    def up(self) -> None:
+        STATE.mkdir(parents=True, exist_ok=True)
+        self.redis.start()
+        self.cluster.start()
+        self.kafka.start()
+
+    def down(self) -> None:
+        errors = []
+        for stop in (self.kafka.stop, self.cluster.stop, self.redis.stop):
+            try:
+                stop()
+            except Exception as e:  # stop the rest regardless
+                errors.append(str(e))
+        if errors:
+            raise ServerError("; ".join(errors))
+
+    def status(self) -> Dict[str, bool]:
+        out = {self.redis.name: self.redis.is_up()}
+        out.update({n.name: n.is_up() for n in self.cluster.nodes})
+        out[f"kafka-{self.kafka.port}"] = self.kafka.is_up()
+        return out
+
+
+SERVERS = Servers(RedisServer(REDIS_PORT), RedisCluster(), KafkaBroker())
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["up", "down", "status"])
+    args = parser.parse_args(argv)
+    t0 = time.monotonic()
+    if args.action == "up":
+        SERVERS.up()
+        print(f"servers up in {time.monotonic() - t0:.1f}s: redis {SERVERS.redis_url}, "
+              f"cluster {','.join(SERVERS.cluster_nodes)}, kafka {SERVERS.kafka.bootstrap}")
+    elif args.action == "down":
+        SERVERS.down()
+        print("servers down")
+    else:
+        for name, ok in SERVERS.status().items():
+            print(f"{name}: {'up' if ok else 'DOWN'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""torchrec-hps: a hierarchical parameter server for TorchRec inference."""
+from torchrec_hps._env import EnvironmentCheckError, check_environment, load_fbgemm
+
+load_fbgemm()
+
+__version__ = "0.1.0"
+__all__ = ["EnvironmentCheckError", "check_environment", "__version__"]
