@@ -72,6 +72,44 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
+def _pid_listening_on(port: int) -> Optional[int]:
+    """The pid of the process listening on 127.0.0.1:`port` (a server another checkout started has no
+    pidfile here), found through /proc without extra tools."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:  # 0A = LISTEN
+                inodes.add(cols[9])
+    if not inodes:
+        return None
+    targets = {f"socket:[{i}]" for i in inodes}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                if os.readlink(fd) in targets:
+                    return int(proc.name)
+        except OSError:
+            continue
+    return None
+
+
+def _read_pid(pidfile: Path, port: int) -> Optional[int]:
+    try:
+        pid = int(pidfile.read_text().strip())
+        if _pid_alive(pid):
+            return pid
+    except (OSError, ValueError):
+        pass
+    return _pid_listening_on(port)
+
+
 @dataclass
 class RedisServer:
     port: int
@@ -90,11 +128,7 @@ class RedisServer:
         return self.dir / "redis.pid"
 
     def pid(self) -> Optional[int]:
-        try:
-            pid = int(self.pidfile.read_text().strip())
-        except (OSError, ValueError):
-            return None
-        return pid if _pid_alive(pid) else None
+        return _read_pid(self.pidfile, self.port)
 
     def is_up(self) -> bool:
         return _port_open(self.port) and self._ping()
@@ -224,11 +258,7 @@ class KafkaBroker:
         return self.dir / "kafka.pid"
 
     def pid(self) -> Optional[int]:
-        try:
-            pid = int(self.pidfile.read_text().strip())
-        except (OSError, ValueError):
-            return None
-        return pid if _pid_alive(pid) else None
+        return _read_pid(self.pidfile, self.port)
 
     def is_up(self) -> bool:
         if not _port_open(self.port):

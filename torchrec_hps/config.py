@@ -1,0 +1,121 @@
+"""The project's one config vocabulary: dataclasses used by the storage tiers, the module, the CLI and
+TorchX. Config files (YAML/JSON, HugeCTR's ps.json) map onto these."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+OVERFLOW_POLICIES: Tuple[str, ...] = ("evict_lru", "evict_lfu", "evict_random")
+STORAGE_DTYPES: Tuple[str, ...] = ("float32", "float16")
+KEY_PREFIX = "hps_et"  # HugeCTR HPS names tables hps_et.<model>.<table>; we keep the scheme
+
+
+def _check_choice(owner: str, name: str, value: str, allowed: Tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{owner}.{name}={value!r} is not allowed; expected one of {list(allowed)}")
+
+
+def _check_range(owner: str, name: str, value: float, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        raise ValueError(f"{owner}.{name}={value!r} is out of range; expected {lo} <= {name} <= {hi}")
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One embedding table as the storage tiers see it. `model` namespaces it, so several models (and
+    several instances of one model) share a tier."""
+
+    model: str
+    name: str
+    num_rows: int
+    dim: int
+
+    def __post_init__(self) -> None:
+        for part in (self.model, self.name):
+            if not part or any(c in part for c in " {}\n"):
+                raise ValueError(f"table {self.model!r}.{self.name!r}: model and table names must be non-empty "
+                                 "and contain no spaces or braces")
+        if self.num_rows <= 0 or self.dim <= 0:
+            raise ValueError(f"table {self.key}: num_rows and dim must be positive, got {self.num_rows}, {self.dim}")
+
+    @property
+    def key(self) -> str:
+        """Qualified name used by every tier: '<model>.<table>'."""
+        return f"{self.model}.{self.name}"
+
+
+@dataclass
+class MemoryTierConfig:
+    """Host-memory tier: a bounded cache of rows per table (HPS's volatile hash map)."""
+
+    capacity: Optional[int] = None  # rows per table; None = the table's num_rows (holds it whole)
+    overflow_policy: str = "evict_lru"
+    resolution_target: float = 0.8  # when full, evict down to this share of capacity
+    num_partitions: int = 4  # independent locks, so concurrent readers and writers rarely meet
+    storage_dtype: str = "float32"
+    promote: bool = True  # copy rows found in lower tiers up into this tier
+    seed: int = 0  # for evict_random
+
+    def __post_init__(self) -> None:
+        _check_choice("memory", "overflow_policy", self.overflow_policy, OVERFLOW_POLICIES)
+        _check_choice("memory", "storage_dtype", self.storage_dtype, STORAGE_DTYPES)
+        _check_range("memory", "resolution_target", self.resolution_target, 0.0, 1.0)
+        if self.capacity is not None and self.capacity <= 0:
+            raise ValueError(f"memory.capacity={self.capacity} must be positive (or None for whole tables)")
+        if self.num_partitions < 1:
+            raise ValueError(f"memory.num_partitions={self.num_partitions} must be >= 1")
+
+
+@dataclass
+class RedisTierConfig:
+    """Redis tier, standalone (`url`) or Cluster (`cluster_nodes`). Rows live in one Redis hash per table
+    partition, so one request fetches many rows and a table's partitions spread over the cluster."""
+
+    url: Optional[str] = None  # redis://[:password@]host:port[/db] or rediss:// for TLS
+    cluster_nodes: List[str] = field(default_factory=list)  # ["host:port", ...] startup nodes
+    password: Optional[str] = None
+    username: Optional[str] = None
+    ssl: bool = False
+    socket_timeout: float = 2.0
+    socket_connect_timeout: float = 1.0
+    num_partitions: int = 16
+    max_batch_size: int = 4096  # rows per server-side script call, bounds how long one call blocks Redis
+    retry_interval: float = 0.5  # seconds a failed node is skipped before it is tried again
+    storage_dtype: str = "float32"
+    promote: bool = True
+    connection_kwargs: Dict[str, Any] = field(default_factory=dict)  # passed through to redis-py
+
+    def __post_init__(self) -> None:
+        if bool(self.url) == bool(self.cluster_nodes):
+            raise ValueError("redis: give exactly one of url (standalone) or cluster_nodes (Cluster)")
+        _check_choice("redis", "storage_dtype", self.storage_dtype, STORAGE_DTYPES)
+        if self.num_partitions < 1 or self.max_batch_size < 1:
+            raise ValueError("redis.num_partitions and redis.max_batch_size must be >= 1")
+
+
+@dataclass
+class RocksDBTierConfig:
+    """RocksDB tier on local SSD: one column family per table, the full copy of every table."""
+
+    path: str = ""
+    read_only: bool = False  # for a volume shared by several nodes
+    block_cache_mb: int = 256
+    read_threads: int = 2  # multi-gets are split over threads (rocksdict releases the GIL)
+    storage_dtype: str = "float32"
+    promote: bool = False  # the bottom tier: nothing lower to promote from
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("rocksdb.path is required")
+        _check_choice("rocksdb", "storage_dtype", self.storage_dtype, STORAGE_DTYPES)
+        if self.read_threads < 1:
+            raise ValueError("rocksdb.read_threads must be >= 1")
+
+
+@dataclass
+class StorageConfig:
+    """The tiers below the module's cache, top to bottom; any may be left out."""
+
+    memory: Optional[MemoryTierConfig] = None
+    redis: Optional[RedisTierConfig] = None
+    rocksdb: Optional[RocksDBTierConfig] = None

@@ -1,0 +1,229 @@
+"""Redis tier (redis-py), standalone or Redis Cluster.
+
+Layout: table `<model>.<table>` is split into `num_partitions` hashes named `hps_et.<model>.<table>.p<i>`;
+row id k lives in partition hash(k) % num_partitions under an 8-byte field. Each hash is one key, so it lives on
+one Cluster node, and the partitions of a table spread over the nodes. A batched get groups the unique ids
+by partition and sends one Lua call per partition chunk (see redis_scripts.py), pipelined per node, with
+the nodes served in parallel threads. A node that fails is skipped for `retry_interval` seconds (its keys
+count as misses and errors, so the hierarchy falls through to the tier below) and used again afterwards.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from torchrec_hps.config import KEY_PREFIX, RedisTierConfig, TableSpec
+from torchrec_hps.storage import redis_scripts
+from torchrec_hps.storage.interface import StorageTier, TierError, TierWriteError, group_by_partition
+
+logger = logging.getLogger(__name__)
+
+_NUM_SLOTS = 16384
+
+
+@dataclass
+class _Call:
+    """One Lua call on one hash: the positions (into the request's unique ids) it covers."""
+
+    hash_name: str
+    script: str
+    args: Tuple
+    positions: np.ndarray
+    read_only: bool = False  # sent as EVAL_RO: runs while writes are paused, and on replicas
+
+
+class _Node:
+    def __init__(self, addr: str, client) -> None:
+        self.addr = addr
+        self.client = client
+        self.down_until = 0.0
+
+
+class RedisTier(StorageTier):
+    name = "redis"
+
+    def __init__(self, config: RedisTierConfig) -> None:
+        super().__init__(config.storage_dtype, config.promote)
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        self.config = config
+        self._redis = redis
+        # Fail fast: a dead node must cost one refused connection, not seconds of backoff; the circuit
+        # breaker below decides when to try it again.
+        self._client_kwargs = dict(
+            socket_timeout=config.socket_timeout, socket_connect_timeout=config.socket_connect_timeout,
+            password=config.password, username=config.username, retry=Retry(NoBackoff(), 0),
+            **({"ssl": True} if config.ssl else {}), **config.connection_kwargs)
+        self._nodes: Dict[str, _Node] = {}
+        self._slot_owner: List[str] = []
+        self._topology_lock = threading.Lock()
+        if config.url:
+            client = redis.Redis.from_url(config.url, **self._client_kwargs)
+            self._nodes[config.url] = _Node(config.url, client)
+            self._check_reachable()
+        else:
+            self._refresh_topology()
+        self._pool = ThreadPoolExecutor(max(2, 2 * len(self._nodes)), thread_name_prefix="hps-redis")
+
+    # ---- topology ----
+    @property
+    def is_cluster(self) -> bool:
+        return not self.config.url
+
+    def _check_reachable(self) -> None:
+        node = next(iter(self._nodes.values()))
+        try:
+            node.client.ping()
+        except self._redis.RedisError as e:
+            raise TierError(f"redis: cannot reach {self.config.url}: {e}") from e
+
+    def _node_client(self, addr: str):
+        host, port = addr.rsplit(":", 1)
+        return self._redis.Redis(host=host, port=int(port), **self._client_kwargs)
+
+    def _refresh_topology(self) -> None:
+        """Read the slot -> node map from the first node that answers CLUSTER SLOTS."""
+        with self._topology_lock:
+            candidates = list(dict.fromkeys(list(self._nodes) + list(self.config.cluster_nodes)))
+            errors = []
+            for addr in candidates:
+                client = self._nodes[addr].client if addr in self._nodes else self._node_client(addr)
+                try:
+                    slots = client.execute_command("CLUSTER SLOTS")
+                except self._redis.RedisError as e:
+                    errors.append(f"{addr}: {e}")
+                    continue
+                owner = [""] * _NUM_SLOTS
+                for start, end, primary, *_ in slots:
+                    host = primary[0].decode() if isinstance(primary[0], bytes) else primary[0]
+                    node_addr = f"{host}:{primary[1]}"
+                    if node_addr not in self._nodes:
+                        self._nodes[node_addr] = _Node(node_addr, self._node_client(node_addr))
+                    owner[start:end + 1] = [node_addr] * (end - start + 1)
+                self._slot_owner = owner
+                return
+            raise TierError(f"redis cluster: no startup node answered CLUSTER SLOTS ({'; '.join(errors)})")
+
+    def _owner(self, hash_name: str) -> str:
+        if not self.is_cluster:
+            return self.config.url
+        from redis.crc import key_slot
+
+        return self._slot_owner[key_slot(hash_name.encode())]
+
+    def hash_names(self, spec: TableSpec) -> List[str]:
+        return [f"{KEY_PREFIX}.{spec.key}.p{p}" for p in range(self.config.num_partitions)]
+
+    # ---- request plumbing ----
+    def _calls(self, spec: TableSpec, ids: np.ndarray, script: str, extra, read_only: bool = False) -> List[_Call]:
+        """Group ids (unique) by partition, chunked to max_batch_size; `extra(positions)` adds the args."""
+        names = self.hash_names(spec)
+        calls = []
+        step = self.config.max_batch_size
+        for p, positions in group_by_partition(ids, self.config.num_partitions):
+            for a in range(0, len(positions), step):
+                pos = positions[a:a + step]
+                calls.append(_Call(names[p], script, (ids[pos].astype("<i8").tobytes(), *extra(pos)), pos, read_only))
+        return calls
+
+    def _run_on_node(self, node: _Node, calls: Sequence[_Call]) -> list:
+        if time.monotonic() < node.down_until:
+            return [TierError(f"redis node {node.addr} is marked down")] * len(calls)
+        pipe = node.client.pipeline(transaction=False)
+        for c in calls:
+            (pipe.eval_ro if c.read_only else pipe.eval)(c.script, 1, c.hash_name, *c.args)
+        try:
+            return pipe.execute(raise_on_error=False)
+        except (self._redis.ConnectionError, self._redis.TimeoutError) as e:
+            node.down_until = time.monotonic() + self.config.retry_interval
+            logger.warning("redis node %s failed (%s); skipping it for %.1fs", node.addr, e, self.config.retry_interval)
+            return [e] * len(calls)
+        except self._redis.RedisError as e:
+            return [e] * len(calls)
+
+    def _execute(self, calls: List[_Call], retry_moved: bool = True) -> list:
+        """Run calls grouped by owning node, nodes in parallel; results (or exceptions) in call order."""
+        by_node: Dict[str, List[int]] = {}
+        for i, c in enumerate(calls):
+            by_node.setdefault(self._owner(c.hash_name), []).append(i)
+        results: list = [None] * len(calls)
+        jobs = [(idx, self._nodes[addr]) for addr, idx in by_node.items()]
+        if len(jobs) == 1:
+            outs = [self._run_on_node(jobs[0][1], [calls[i] for i in jobs[0][0]])]
+        else:
+            outs = list(self._pool.map(lambda j: self._run_on_node(j[1], [calls[i] for i in j[0]]), jobs))
+        for (idx, _), out in zip(jobs, outs):
+            for i, r in zip(idx, out):
+                results[i] = r
+        moved = [i for i, r in enumerate(results) if isinstance(r, self._redis.ResponseError) and "MOVED" in str(r)]
+        if moved and retry_moved and self.is_cluster:  # resharded: re-read the slot map once and retry
+            self._refresh_topology()
+            again = self._execute([calls[i] for i in moved], retry_moved=False)
+            for i, r in zip(moved, again):
+                results[i] = r
+        return results
+
+    # ---- tier hooks ----
+    def _create_table(self, spec: TableSpec) -> None:
+        pass  # hashes come into being with their first row
+
+    def _get(self, spec: TableSpec, keys: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        row_bytes = spec.dim * self.storage_dtype.itemsize
+        calls = self._calls(spec, uniq, redis_scripts.GET_ROWS, lambda pos: (row_bytes,), read_only=True)
+        rows_u = np.zeros((len(uniq), spec.dim), dtype=np.float32)
+        found_u = np.zeros(len(uniq), dtype=bool)
+        failed = 0
+        for call, res in zip(calls, self._execute(calls)):
+            if isinstance(res, Exception):
+                failed += len(call.positions)
+                continue
+            flags, blob = res
+            found_u[call.positions] = np.frombuffer(flags, dtype=np.uint8).astype(bool)
+            rows_u[call.positions] = self._decode_rows(blob, len(call.positions), spec.dim)
+        if failed:
+            self._count(spec.key, errors=failed)
+        return rows_u[inverse], found_u[inverse]
+
+    def _write(self, spec: TableSpec, calls: List[_Call], keys: np.ndarray) -> None:
+        failures = [(c, r) for c, r in zip(calls, self._execute(calls)) if isinstance(r, Exception)]
+        if failures:
+            bad = np.concatenate([keys[c.positions] for c, _ in failures])
+            self._count(spec.key, errors=len(bad))
+            raise TierWriteError(self.name, spec.key, bad, failures[0][1])
+
+    def _put(self, spec: TableSpec, keys: np.ndarray, rows: np.ndarray) -> None:
+        row_bytes = spec.dim * rows.itemsize
+        calls = self._calls(spec, keys, redis_scripts.PUT_ROWS, lambda pos: (rows[pos].tobytes(), row_bytes))
+        self._write(spec, calls, keys)
+
+    def _delete(self, spec: TableSpec, keys: np.ndarray) -> None:
+        calls = self._calls(spec, keys, redis_scripts.DELETE_ROWS, lambda pos: ())
+        self._write(spec, calls, keys)
+
+    def _num_rows(self, spec: TableSpec) -> int:
+        total = 0
+        for name in self.hash_names(spec):
+            try:
+                total += self._nodes[self._owner(name)].client.hlen(name)
+            except self._redis.RedisError as e:
+                raise TierError(f"redis: cannot count rows of {spec.key} ({name}): {e}") from e
+        return total
+
+    def drop_table(self, table: str) -> None:
+        """Remove every row of `table` from Redis (all its partition hashes)."""
+        for name in self.hash_names(self.spec(table)):
+            self._nodes[self._owner(name)].client.delete(name)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for node in self._nodes.values():
+            node.client.close()
