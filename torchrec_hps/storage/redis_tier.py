@@ -1,14 +1,17 @@
 """Redis tier (redis-py), standalone or Redis Cluster.
 
-Layout: table `<model>.<table>` is split into `num_partitions` hashes named `hps_et.<model>.<table>.p<i>`;
-row id k lives in partition hash(k) % num_partitions under an 8-byte field. Each hash is one key, so it lives on
-one Cluster node, and the partitions of a table spread over the nodes. A batched get groups the unique ids
+Layout: table `<model>.<table>` is split into `num_partitions` hashes named
+`hps_et.<model>.<table>.p<i>{<tag_i>}`; row id k lives in partition hash(k) % num_partitions under an
+8-byte field. Each hash is one key, so it lives on one Cluster node; the hash tags are chosen so that
+partition i maps to slot range i/num_partitions of the 16384 slots, which spreads a table's partitions
+evenly over the nodes (Cluster nodes own contiguous slot ranges). A batched get groups the unique ids
 by partition and sends one Lua call per partition chunk (see redis_scripts.py), pipelined per node, with
 the nodes served in parallel threads. A node that fails is skipped for `retry_interval` seconds (its keys
 count as misses and errors, so the hierarchy falls through to the tier below) and used again afterwards.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -25,6 +28,23 @@ from torchrec_hps.storage.interface import StorageTier, TierError, TierWriteErro
 logger = logging.getLogger(__name__)
 
 _NUM_SLOTS = 16384
+
+
+@functools.lru_cache(maxsize=None)
+def _partition_tags(num_partitions: int) -> Tuple[str, ...]:
+    """For each partition a short hash tag whose slot lies in its 1/num_partitions share of the slots."""
+    from redis.crc import key_slot
+
+    tags: List[Optional[str]] = [None] * num_partitions
+    left, i = num_partitions, 0
+    while left:
+        tag = format(i, "x")
+        share = key_slot(tag.encode()) * num_partitions // _NUM_SLOTS
+        if tags[share] is None:
+            tags[share] = tag
+            left -= 1
+        i += 1
+    return tuple(tags)
 
 
 @dataclass
@@ -120,7 +140,8 @@ class RedisTier(StorageTier):
         return self._slot_owner[key_slot(hash_name.encode())]
 
     def hash_names(self, spec: TableSpec) -> List[str]:
-        return [f"{KEY_PREFIX}.{spec.key}.p{p}" for p in range(self.config.num_partitions)]
+        tags = _partition_tags(self.config.num_partitions)
+        return [f"{KEY_PREFIX}.{spec.key}.p{p}{{{tags[p]}}}" for p in range(self.config.num_partitions)]
 
     # ---- request plumbing ----
     def _calls(self, spec: TableSpec, ids: np.ndarray, script: str, extra, read_only: bool = False) -> List[_Call]:
