@@ -99,7 +99,7 @@ class RocksDBTierConfig:
 
     path: str = ""
     read_only: bool = False  # for a volume shared by several nodes
-    block_cache_mb: int = 256
+    block_cache_mb: int = 1024  # grows on demand; 256 -> 1024 gave +13% rows/s on a 256 MB table
     read_threads: int = 2  # multi-gets are split over threads (rocksdict releases the GIL)
     storage_dtype: str = "float32"
     promote: bool = False  # the bottom tier: nothing lower to promote from
