@@ -100,6 +100,14 @@ def _pid_listening_on(port: int) -> Optional[int]:
     return None
 
 
+def _owned(pidfile: Path, port: int) -> bool:
+    """Whether the server on `port` was started from this checkout (its pidfile names the listener)."""
+    try:
+        return int(pidfile.read_text().strip()) == _pid_listening_on(port)
+    except (OSError, ValueError):
+        return False
+
+
 def _read_pid(pidfile: Path, port: int) -> Optional[int]:
     try:
         pid = int(pidfile.read_text().strip())
@@ -143,7 +151,9 @@ class RedisServer:
 
     def start(self, fresh: bool = True) -> None:
         if self.is_up():
-            return
+            if not fresh or _owned(self.pidfile, self.port):
+                return
+            self.kill()  # left over from another checkout or an aborted run: its state is not ours
         if shutil.which("redis-server") is None:
             raise ServerError("redis-server is not installed: run `make tools` (Debian package redis-server)")
         if fresh and self.dir.exists():
@@ -168,7 +178,7 @@ class RedisServer:
                 "cluster-require-full-coverage no",
             ]
         (self.dir / "redis.conf").write_text("\n".join(conf) + "\n")
-        subprocess.run(["redis-server", str(self.dir / "redis.conf")], check=True)
+        subprocess.run(["redis-server", str(self.dir / "redis.conf")], check=True, stdin=subprocess.DEVNULL, timeout=30)
         _wait(self.is_up, self.name, 20)
 
     def stop(self) -> None:
@@ -228,7 +238,10 @@ class RedisCluster:
             r.execute_command("CLUSTER RESET HARD")
         cmd = ["redis-cli", "--cluster", "create", *[f"{HOST}:{n.port}" for n in self.nodes],
                "--cluster-replicas", "0", "--cluster-yes"]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        try:  # redis-cli waits for the nodes to agree, forever if one is gone: bound it
+            out = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+        except subprocess.TimeoutExpired as e:
+            raise ServerError(f"redis-cli --cluster create did not finish in 60s: {e.stdout}") from None
         if out.returncode != 0:
             raise ServerError(f"redis-cli --cluster create failed: {out.stdout}\n{out.stderr}")
         _wait(self._cluster_ok, "redis cluster state ok", 30)
@@ -318,7 +331,9 @@ class KafkaBroker:
 
     def start(self, fresh: bool = True) -> None:
         if self.is_up():
-            return
+            if not fresh or _owned(self.pidfile, self.port):
+                return
+            self.kill()  # left over from another checkout or an aborted run
         if self.pid() is not None:  # still starting (or stuck): give it a chance first
             try:
                 _wait(self.is_up, "kafka broker", 60)
@@ -332,7 +347,7 @@ class KafkaBroker:
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
             out = subprocess.run(
                 self._java() + ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)],
-                capture_output=True, text=True)
+                capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
             if out.returncode != 0:
                 raise ServerError(f"kafka storage format failed:\n{out.stdout}\n{out.stderr}")
         log = open(self.dir / "stdout.log", "ab")
