@@ -119,3 +119,43 @@ class StorageConfig:
     memory: Optional[MemoryTierConfig] = None
     redis: Optional[RedisTierConfig] = None
     rocksdb: Optional[RocksDBTierConfig] = None
+
+
+EVICTION_POLICIES: Tuple[str, ...] = ("lru", "lfu")
+UNKNOWN_KEY_POLICIES: Tuple[str, ...] = ("error", "default")
+
+
+@dataclass
+class CacheConfig:
+    """The module's embedding cache (GPU HBM with CUDA, host memory without), per table."""
+
+    cache_ratio: float = 0.1  # share of each table's rows the cache holds (HPS's gpucacheper)
+    cache_rows: Optional[int] = None  # or an absolute number of rows per table (wins over cache_ratio)
+    hit_rate_threshold: float = 0.9  # below it a lookup waits for missing rows; at or above, default now
+    eviction: str = "lru"
+    default_value: float = 0.0  # the default vector's value, for keys found in no tier (and async misses)
+    unknown_keys: str = "error"  # ids outside [0, num_embeddings): "error" or "default" (vector + counter)
+
+    def __post_init__(self) -> None:
+        _check_range("cache", "cache_ratio", self.cache_ratio, 0.0, 1.0)
+        _check_range("cache", "hit_rate_threshold", self.hit_rate_threshold, 0.0, 1.0)
+        _check_choice("cache", "eviction", self.eviction, EVICTION_POLICIES)
+        _check_choice("cache", "unknown_keys", self.unknown_keys, UNKNOWN_KEY_POLICIES)
+        if self.cache_rows is not None and self.cache_rows <= 0:
+            raise ValueError(f"cache.cache_rows={self.cache_rows} must be positive")
+        if self.cache_rows is None and self.cache_ratio <= 0:
+            raise ValueError("cache.cache_ratio must be > 0 (or give cache_rows)")
+
+    def rows_for(self, num_embeddings: int) -> int:
+        rows = self.cache_rows if self.cache_rows is not None else int(round(self.cache_ratio * num_embeddings))
+        return max(1, min(rows, num_embeddings))
+
+
+@dataclass
+class HPSConfig:
+    """Everything an HPSEmbeddingBagCollection needs besides its tables: the model's namespace in the
+    shared tiers, the cache, and the tiers."""
+
+    model: str
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)

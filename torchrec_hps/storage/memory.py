@@ -19,31 +19,16 @@ import numpy as np
 import torch
 
 from torchrec_hps.config import MemoryTierConfig, TableSpec
+from torchrec_hps.eviction import FreeSlots, choose_victims
 from torchrec_hps.storage.interface import StorageTier, group_by_partition
 
 
-class _Partition:
+class _Partition(FreeSlots):
     """Slots [base, base + capacity) of the table's arena, with their own lock and free-slot stack."""
 
     def __init__(self, base: int, capacity: int) -> None:
-        self.base = base
-        self.capacity = capacity
+        super().__init__(base, capacity)
         self.lock = threading.Lock()
-        self.free = np.arange(base + capacity - 1, base - 1, -1, dtype=np.int32)  # stack; top = free[n_free-1]
-        self.n_free = capacity
-
-    @property
-    def used(self) -> int:
-        return self.capacity - self.n_free
-
-    def pop_free(self, n: int) -> np.ndarray:
-        slots = self.free[self.n_free - n:self.n_free].copy()
-        self.n_free -= n
-        return slots
-
-    def push_free(self, slots: np.ndarray) -> None:
-        self.free[self.n_free:self.n_free + len(slots)] = slots
-        self.n_free += len(slots)
 
 
 class _Table:
@@ -152,7 +137,7 @@ class MemoryTier(StorageTier):
                     new_keys, new_rows = new_keys[-part.capacity:], new_rows[-part.capacity:]
                 if len(new_keys) > part.n_free:
                     evicted += self._evict(t, part, len(new_keys))
-                new_slots = part.pop_free(len(new_keys))
+                new_slots = part.pop(len(new_keys))
                 t.rows[torch.from_numpy(new_slots)] = new_rows
                 t.slot_key[new_slots] = new_keys
                 t.last_access[new_slots] = tick
@@ -169,18 +154,11 @@ class MemoryTier(StorageTier):
             return 0
         span = slice(part.base, part.base + part.capacity)
         occupied = part.base + np.flatnonzero(t.slot_key[span] >= 0)
-        policy = self.config.overflow_policy
-        if policy == "evict_random":
-            victims = self._rng.choice(occupied, size=n, replace=False)
-        else:
-            if policy == "evict_lru":
-                score = t.last_access[occupied]
-            else:  # evict_lfu; ties go to the least recently used
-                score = (np.minimum(t.freq[occupied], (1 << 22) - 1) << 40) | (t.last_access[occupied] & ((1 << 40) - 1))
-            victims = occupied[np.argpartition(score, n - 1)[:n]] if n < len(occupied) else occupied
+        policy = self.config.overflow_policy.removeprefix("evict_")
+        victims = choose_victims(occupied, n, policy, t.last_access, t.freq, self._rng)
         t.slot_of_key[t.slot_key[victims]] = -1
         t.slot_key[victims] = -1
-        part.push_free(victims.astype(np.int32))
+        part.push(victims)
         return n
 
     def _delete(self, spec: TableSpec, keys: np.ndarray) -> None:
@@ -191,7 +169,7 @@ class MemoryTier(StorageTier):
                 slots = slots[slots >= 0]
                 t.slot_of_key[t.slot_key[slots]] = -1
                 t.slot_key[slots] = -1
-                part.push_free(slots)
+                part.push(slots)
 
     def _num_rows(self, spec: TableSpec) -> int:
         return sum(p.used for p in self._tables[spec.key].parts)

@@ -1,0 +1,44 @@
+"""What the module needs from a cache: the interface a cache implementation (host, GPU) provides.
+
+The module hands a group of tables (one pooling mode) a KJT's ids, bag offsets and weights, and gets
+pooled embeddings back; everything about where rows live, how misses are fetched and what is evicted
+stays behind this interface."""
+from __future__ import annotations
+
+import abc
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+
+class EmbeddingCacheGroup(torch.nn.Module, abc.ABC):
+    @abc.abstractmethod
+    def forward(self, values: torch.Tensor, offsets: torch.Tensor, per_sample_weights: Optional[torch.Tensor],
+                feature_counts: torch.Tensor, invalid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Pooled embeddings [B, sum of feature dims]; `values` feature-major (feature_counts[f] ids each),
+        `offsets` over the F*B bags (a KJT's layout); ids flagged `invalid` get the default vector."""
+
+    @abc.abstractmethod
+    def invalidate(self, t: int, keys: np.ndarray) -> None:
+        """Drop `keys` of table t from the cache."""
+
+    @abc.abstractmethod
+    def update(self, t: int, keys: np.ndarray, rows: torch.Tensor) -> int:
+        """Overwrite the cached rows of `keys` in place; returns how many were cached."""
+
+    @abc.abstractmethod
+    def prefill(self, t: int, keys: np.ndarray) -> int:
+        """Load rows of `keys` (hottest first) from the tiers until the cache is full."""
+
+    @abc.abstractmethod
+    def refresh(self, t: int) -> int:
+        """Re-read every cached row of table t from the tiers."""
+
+    @abc.abstractmethod
+    def cached_keys(self, t: int) -> np.ndarray:
+        """Sorted ids of table t that are cached."""
+
+    @abc.abstractmethod
+    def table_stats(self, t: int) -> Dict[str, float]:
+        """Counters of table t (hits, misses, inserts, evictions, ...)."""

@@ -1,0 +1,370 @@
+"""The embedding cache of one pooling group: tables that share an fbgemm TBE whose rows are cache slots.
+
+Per table, a dense int32 remap (row id -> slot) lives next to the TBE, on its device. Slots 0 and 1 of
+every table hold the table's default vector: 0 means "not cached" (a miss), 1 "known absent from every
+tier" (served the default without asking the tiers again, until `update`/`invalidate`). Cached rows take
+slots 2 .. capacity+1. A lookup is: remap the ids (one gather), find the batch's unique misses, fetch them
+from the storage hierarchy in one request per table, insert (evicting LRU/LFU slots that this batch does
+not use), then run the TBE over the slots, so a hit costs one gather plus fbgemm's own pooled lookup.
+
+Insertion mode per lookup and table, as HugeCTR HPS: below `hit_rate_threshold` (hit rate over the
+batch's unique ids) the lookup waits for the rows; at or above it, misses get the default vector now and
+an `AsyncInserter` fetches and inserts them in the background.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from torchrec_hps.config import CacheConfig, TableSpec
+from torchrec_hps.eviction import FreeSlots, choose_victims
+from torchrec_hps.modules.cache.interface import EmbeddingCacheGroup
+from torchrec_hps.storage.hierarchy import StorageHierarchy
+
+logger = logging.getLogger(__name__)
+
+MISS_SLOT = 0
+ABSENT_SLOT = 1
+RESERVED_SLOTS = 2
+
+
+@dataclass
+class CacheTableStats:
+    lookups: int = 0  # forward calls that had ids for this table
+    ids: int = 0  # ids looked up, repeats included
+    unique_ids: int = 0
+    hits: int = 0  # unique ids found in the cache
+    misses: int = 0  # unique ids not in the cache
+    sync_lookups: int = 0
+    async_lookups: int = 0
+    inserted: int = 0
+    evicted: int = 0
+    not_found: int = 0  # unique ids found in no tier (served the default vector)
+    defaulted_async: int = 0  # unique misses served the default vector while inserted in the background
+    overflow_lookups: int = 0  # batches whose unique ids did not fit the cache (served uncached)
+
+    def as_dict(self) -> Dict[str, float]:
+        d = asdict(self)
+        d["hit_rate"] = self.hits / self.unique_ids if self.unique_ids else 0.0
+        return d
+
+
+class _TableSlots:
+    """Host-side bookkeeping of one table's cache slots."""
+
+    def __init__(self, capacity: int) -> None:
+        total = capacity + RESERVED_SLOTS
+        self.free = FreeSlots(RESERVED_SLOTS, capacity)
+        self.key_of_slot = np.full(total, -1, dtype=np.int64)
+        self.last_access = np.zeros(total, dtype=np.int64)
+        self.freq = np.zeros(total, dtype=np.int64)
+
+
+class TBECacheGroup(EmbeddingCacheGroup):
+    """Cached tables of one pooling mode behind one fbgemm IntNBit TBE (FP32 rows)."""
+
+    def __init__(
+        self,
+        specs: Sequence[TableSpec],
+        feature_tables: Sequence[int],
+        pooling_mode,
+        storage: StorageHierarchy,
+        config: CacheConfig,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        from fbgemm_gpu.split_embedding_configs import SparseType
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode, EmbeddingLocation
+        from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTableBatchedEmbeddingBagsCodegen
+
+        self.specs = list(specs)
+        self.config = config
+        self.storage = storage
+        self.device = device
+        self.capacities = [config.rows_for(s.num_rows) for s in self.specs]
+        location = EmbeddingLocation.DEVICE if device.type == "cuda" else EmbeddingLocation.HOST
+        self.tbe = IntNBitTableBatchedEmbeddingBagsCodegen(
+            embedding_specs=[(s.name, c + RESERVED_SLOTS, s.dim, SparseType.FP32, location)
+                             for s, c in zip(self.specs, self.capacities)],
+            feature_table_map=list(feature_tables),
+            pooling_mode=pooling_mode,
+            device=device,
+            output_dtype=SparseType.FP32,
+            bounds_check_mode=BoundsCheckMode.NONE,  # ids are checked by the module, slots are ours
+        )
+        self.tbe.initialize_weights()
+        self.weights = [w.view(torch.float32)[:, :s.dim] for (w, _), s in zip(self.tbe.split_embedding_weights(), self.specs)]
+        for w in self.weights:
+            w.fill_(config.default_value)
+        bases = np.concatenate([[0], np.cumsum([s.num_rows for s in self.specs])])
+        self.key_base = bases[:-1]
+        self.register_buffer("remap", torch.full((int(bases[-1]),), MISS_SLOT, dtype=torch.int32, device=device),
+                             persistent=False)
+        self.register_buffer("_bounds", torch.tensor(bases[1:-1], dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer("_feature_base", torch.tensor(self.key_base[list(feature_tables)], dtype=torch.int64,
+                                                           device=device), persistent=False)
+        self._feature_tables = np.asarray(feature_tables, dtype=np.int64)
+        self.slots = [_TableSlots(c) for c in self.capacities]
+        self.stats_ = [CacheTableStats() for _ in self.specs]
+        self.lock = threading.RLock()
+        self._tick = 0
+        self._rng = np.random.default_rng(0)
+        self.inserter: Optional["AsyncInserter"] = None
+
+    # ---- the lookup ----
+    def forward(self, values: torch.Tensor, offsets: torch.Tensor, per_sample_weights: Optional[torch.Tensor],
+                feature_counts: torch.Tensor, invalid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Pooled embeddings [B, sum of feature dims] for ids `values` laid out feature-major as a KJT's
+        (`feature_counts[f]` ids for feature f), `offsets` over the F*B bags. Ids flagged `invalid` get the
+        default vector."""
+        values = values.to(torch.int64)
+        if invalid is not None:
+            values = torch.where(invalid, torch.zeros_like(values), values)
+        flat = values + torch.repeat_interleave(self._feature_base, feature_counts)
+        ids_per_table = np.bincount(self._feature_tables, weights=feature_counts.cpu().numpy(),
+                                    minlength=len(self.specs))
+        for t in np.flatnonzero(ids_per_table):
+            self.stats_[t].ids += int(ids_per_table[t])
+        with self.lock:
+            self._tick += 1
+            overflow = self._prepare(flat if invalid is None else flat[~invalid])
+            slots = self.remap[flat]
+            if invalid is not None:
+                slots = torch.where(invalid, torch.full_like(slots, ABSENT_SLOT), slots)
+            out = self.tbe(slots, offsets, per_sample_weights)
+            for t, rows_by_id in overflow.items():
+                out = self._overwrite_uncached(out, t, flat, slots, rows_by_id, offsets, per_sample_weights,
+                                               feature_counts)
+        return out
+
+    def _prepare(self, flat: torch.Tensor) -> Dict[int, Dict[str, np.ndarray]]:
+        """Touch hits, fetch and insert misses. Returns, for tables whose batch did not fit the cache, the
+        rows of the ids left uncached."""
+        uniq = torch.unique(flat)
+        tid = torch.searchsorted(self._bounds, uniq, right=True)
+        uslots = self.remap[uniq]
+        miss = uslots == MISS_SLOT
+        uniq_h, tid_h, uslots_h, miss_h = (x.cpu().numpy() for x in (uniq, tid, uslots, miss))
+        per_table_ids = np.bincount(tid_h, minlength=len(self.specs))
+        per_table_miss = np.bincount(tid_h[miss_h], minlength=len(self.specs))
+        cached = uslots_h >= RESERVED_SLOTS
+        for t in np.unique(tid_h[cached]):  # LRU/LFU bookkeeping of this batch's hits
+            sl = uslots_h[cached & (tid_h == t)]
+            self.slots[t].last_access[sl] = self._tick
+            self.slots[t].freq[sl] += 1
+        overflow: Dict[int, Dict[str, np.ndarray]] = {}
+        for t in np.flatnonzero(per_table_ids):
+            s = self.stats_[t]
+            s.lookups += 1
+            s.unique_ids += int(per_table_ids[t])
+            s.misses += int(per_table_miss[t])
+            s.hits += int(per_table_ids[t] - per_table_miss[t])
+            if per_table_miss[t] == 0:
+                continue
+            keys = uniq_h[miss_h & (tid_h == t)] - self.key_base[t]
+            hit_rate = 1.0 - per_table_miss[t] / per_table_ids[t]
+            if hit_rate < self.config.hit_rate_threshold or self.inserter is None:
+                s.sync_lookups += 1
+                left = self._fetch_and_insert(t, keys, protect_tick=self._tick)
+                if left is not None:
+                    overflow[t] = left
+            else:
+                s.async_lookups += 1
+                s.defaulted_async += len(keys)
+                self.inserter.submit(self, t, keys)
+        return overflow
+
+    # ---- inserting ----
+    def _fetch_and_insert(self, t: int, keys: np.ndarray, protect_tick: int) -> Optional[Dict[str, np.ndarray]]:
+        """Fetch `keys` (unique, not cached) from the tiers and insert them. Returns the rows of keys that
+        did not fit (only when this batch alone needs more slots than the cache has)."""
+        spec = self.specs[t]
+        res = self.storage.get(spec.key, torch.from_numpy(keys))
+        found = res.found.numpy()
+        absent = keys[~found]
+        if len(absent):
+            self.stats_[t].not_found += len(absent)
+            self.remap[torch.from_numpy(absent + self.key_base[t]).to(self.device)] = ABSENT_SLOT
+        fkeys = keys[found]
+        frows = res.rows[res.found]
+        n_fit = self._insert(t, fkeys, frows, protect_tick)
+        if n_fit == len(fkeys):
+            return None
+        self.stats_[t].overflow_lookups += 1
+        return {"keys": fkeys[n_fit:], "rows": frows[n_fit:]}
+
+    def _insert(self, t: int, keys: np.ndarray, rows: torch.Tensor, protect_tick: int) -> int:
+        """Put rows into free slots, evicting slots not used at `protect_tick`; returns how many fit."""
+        ts = self.slots[t]
+        need = len(keys) - ts.free.n_free
+        if need > 0:
+            occupied = RESERVED_SLOTS + np.flatnonzero(ts.key_of_slot[RESERVED_SLOTS:] >= 0)
+            candidates = occupied[ts.last_access[occupied] != protect_tick]
+            victims = choose_victims(candidates, need, self.config.eviction, ts.last_access, ts.freq, self._rng)
+            self._release(t, victims)
+            self.stats_[t].evicted += len(victims)
+        n = min(len(keys), ts.free.n_free)
+        if n == 0:
+            return 0
+        slots = ts.free.pop(n)
+        slots_dev = torch.from_numpy(slots).to(self.device)
+        self.weights[t][slots_dev] = rows[:n].to(self.device)
+        self.remap[torch.from_numpy(keys[:n] + self.key_base[t]).to(self.device)] = slots_dev.to(torch.int32)
+        ts.key_of_slot[slots] = keys[:n]
+        ts.last_access[slots] = protect_tick
+        ts.freq[slots] = 1
+        self.stats_[t].inserted += n
+        return n
+
+    def _release(self, t: int, slots: np.ndarray) -> None:
+        ts = self.slots[t]
+        if len(slots) == 0:
+            return
+        self.remap[torch.from_numpy(ts.key_of_slot[slots] + self.key_base[t]).to(self.device)] = MISS_SLOT
+        ts.key_of_slot[slots] = -1
+        ts.free.push(slots)
+
+    def insert_missing(self, t: int, keys: np.ndarray) -> None:
+        """Background insertion (AsyncInserter): fetch outside the lock, insert what is still missing."""
+        spec = self.specs[t]
+        with self.lock:
+            keys = keys[self.remap[torch.from_numpy(keys + self.key_base[t]).to(self.device)].cpu().numpy() == MISS_SLOT]
+        if len(keys) == 0:
+            return
+        res = self.storage.get(spec.key, torch.from_numpy(keys))
+        with self.lock:
+            # a concurrent update/invalidate may have run since: insert only what is still a miss
+            still = self.remap[torch.from_numpy(keys + self.key_base[t]).to(self.device)].cpu().numpy() == MISS_SLOT
+            found = res.found.numpy() & still
+            absent = keys[~res.found.numpy() & still]
+            if len(absent):
+                self.stats_[t].not_found += len(absent)
+                self.remap[torch.from_numpy(absent + self.key_base[t]).to(self.device)] = ABSENT_SLOT
+            self._insert(t, keys[found], res.rows[torch.from_numpy(found)], protect_tick=self._tick)
+
+    # ---- the uncached path for batches larger than the cache ----
+    def _overwrite_uncached(self, out, t, flat, slots, left, offsets, per_sample_weights, feature_counts):
+        """Recompute the features of table t exactly, from cached rows plus the rows that did not fit."""
+        from torch.nn.functional import embedding_bag
+
+        base = int(self.key_base[t])
+        left_keys = torch.from_numpy(left["keys"] + base).to(flat.device)
+        extra = torch.full_like(self.remap, -1)  # ids not cached -> rows appended after the cache's slots
+        extra[left_keys] = torch.arange(len(left_keys), dtype=torch.int32, device=flat.device)
+        table = torch.cat([self.weights[t], left["rows"].to(self.weights[t].device)])
+        n_cache = self.weights[t].shape[0]
+        idx = torch.where(extra[flat] >= 0, extra[flat].to(torch.int64) + n_cache, slots.to(torch.int64))
+        fmap = self.tbe.feature_table_map
+        bounds = torch.cumsum(torch.cat([feature_counts.new_zeros(1), feature_counts]), 0).tolist()
+        n_features = len(fmap)
+        batch = (offsets.numel() - 1) // n_features
+        dims = [self.specs[fmap[f]].dim for f in range(n_features)]
+        col = np.concatenate([[0], np.cumsum(dims)])
+        mode = "mean" if int(self.tbe.pooling_mode) == 1 else "sum"
+        out = out.clone()
+        for f in range(n_features):
+            if fmap[f] != t:
+                continue
+            lo, hi = bounds[f], bounds[f + 1]
+            off = offsets[f * batch:(f + 1) * batch + 1].to(torch.int64) - lo
+            w = per_sample_weights[lo:hi] if per_sample_weights is not None else None
+            out[:, col[f]:col[f + 1]] = embedding_bag(idx[lo:hi], table, off, mode=mode, per_sample_weights=w,
+                                                      include_last_offset=True)
+        return out
+
+    # ---- the update path ----
+    def invalidate(self, t: int, keys: np.ndarray) -> None:
+        """Forget `keys` of table t: the next lookup fetches them from the tiers."""
+        with self.lock:
+            gkeys = torch.from_numpy(keys + self.key_base[t]).to(self.device)
+            cur = self.remap[gkeys].cpu().numpy()
+            self._release(t, cur[cur >= RESERVED_SLOTS].astype(np.int64))
+            self.remap[gkeys] = MISS_SLOT
+
+    def update(self, t: int, keys: np.ndarray, rows: torch.Tensor) -> int:
+        """New values for `keys`: cached rows are overwritten in place; ids known absent are forgotten so the
+        next lookup fetches them. Returns the number of cached rows updated."""
+        with self.lock:
+            gkeys = torch.from_numpy(keys + self.key_base[t]).to(self.device)
+            cur = self.remap[gkeys]
+            cached = cur >= RESERVED_SLOTS
+            self.weights[t][cur[cached].to(torch.int64)] = rows.to(self.device)[cached]
+            self.remap[gkeys[cur == ABSENT_SLOT]] = MISS_SLOT
+            return int(cached.sum())
+
+    def prefill(self, t: int, keys: np.ndarray) -> int:
+        """Insert rows for `keys` (hottest first) until the cache is full; returns how many went in."""
+        with self.lock:
+            gkeys = torch.from_numpy(keys + self.key_base[t]).to(self.device)
+            keys = keys[(self.remap[gkeys] == MISS_SLOT).cpu().numpy()]
+            keys = keys[:self.slots[t].free.n_free]
+            if len(keys) == 0:
+                return 0
+            before = self.stats_[t].inserted
+            self._fetch_and_insert(t, keys, protect_tick=-1)
+            return self.stats_[t].inserted - before
+
+    def refresh(self, t: int) -> int:
+        """Re-read every cached row of table t from the tiers (rows gone from every tier are dropped)."""
+        with self.lock:
+            ts = self.slots[t]
+            slots = RESERVED_SLOTS + np.flatnonzero(ts.key_of_slot[RESERVED_SLOTS:] >= 0)
+            if len(slots) == 0:
+                return 0
+            keys = ts.key_of_slot[slots]
+            res = self.storage.get(self.specs[t].key, torch.from_numpy(keys))
+            found = res.found.numpy()
+            self.weights[t][torch.from_numpy(slots[found]).to(self.device)] = res.rows[res.found].to(self.device)
+            self._release(t, slots[~found])
+            return int(found.sum())
+
+    def cached_keys(self, t: int) -> np.ndarray:
+        ts = self.slots[t]
+        return np.sort(ts.key_of_slot[ts.key_of_slot >= 0])
+
+    def table_stats(self, t: int) -> Dict[str, float]:
+        d = self.stats_[t].as_dict()
+        d["capacity"] = self.capacities[t]
+        d["cached_rows"] = self.slots[t].free.used
+        return d
+
+
+class AsyncInserter:
+    """One background thread that fetches and inserts rows for lookups in asynchronous mode."""
+
+    def __init__(self) -> None:
+        import queue
+
+        self._queue: "queue.Queue" = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="hps-async-insert", daemon=True)
+        self._thread.start()
+        self.errors = 0
+
+    def submit(self, group: TBECacheGroup, t: int, keys: np.ndarray) -> None:
+        self._queue.put((group, t, keys))
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                group, t, keys = item
+                group.insert_missing(t, keys)
+            except Exception:  # keep serving: the next miss of these ids tries again
+                self.errors += 1
+                logger.exception("background insertion failed")
+            finally:
+                self._queue.task_done()
+
+    def wait_idle(self) -> None:
+        self._queue.join()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
