@@ -53,6 +53,8 @@ class HPSEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         for t in tables:
             if t.pooling not in _POOLING:
                 raise ValueError(f"table {t.name!r}: pooling {t.pooling} is not supported; expected SUM or MEAN")
+            if is_weighted and t.pooling != PoolingType.SUM:
+                raise ValueError(f"table {t.name!r}: weighted features need SUM pooling (as in TorchRec), got {t.pooling}")
             for f in t.feature_names:
                 if f in seen:
                     raise ValueError(f"feature {f!r} is in tables {seen[f]!r} and {t.name!r}; a feature feeds one table")

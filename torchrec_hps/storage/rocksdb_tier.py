@@ -139,6 +139,8 @@ class RocksDBTier(StorageTier):
         self._db.flush()
 
     def close(self) -> None:
+        if self._db is None:
+            return
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -149,3 +151,4 @@ class RocksDBTier(StorageTier):
                 pass
         self._cfs.clear()
         self._db.close()
+        self._db = None

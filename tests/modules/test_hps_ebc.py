@@ -1,0 +1,202 @@
+"""HPSEmbeddingBagCollection against TorchRec's EmbeddingBagCollection with the same weights."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
+
+from torchrec_hps.config import CacheConfig
+from tests.modules.conftest import SUM_TABLES, TABLES, random_kjt
+
+
+def _assert_same(out, ref):
+    assert out.keys() == ref.keys()
+    assert out.length_per_key() == ref.length_per_key()
+    torch.testing.assert_close(out.values(), ref.values().detach(), rtol=1e-6, atol=1e-6)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 24), ratio=st.sampled_from([0.02, 0.1, 0.5, 1.0]),
+       eviction=st.sampled_from(["lru", "lfu"]), weighted=st.booleans(), shuffle=st.booleans())
+def test_equals_torchrec_in_sync_mode(make_hps, seed, batch, ratio, eviction, weighted, shuffle):
+    tables = SUM_TABLES if weighted else TABLES  # TorchRec pools weighted features with SUM only
+    ref, hps = make_hps(tables=tables, cache=CacheConfig(cache_ratio=ratio, hit_rate_threshold=1.0,
+                                                         eviction=eviction), weighted=weighted)
+    gen = torch.Generator().manual_seed(seed)
+    order = ["f4", "f2", "f1", "f3"] if shuffle else None
+    for _ in range(3):  # repeated lookups: hits, misses, evictions and oversized batches all happen
+        kjt = random_kjt(tables, batch, gen=gen, weighted=weighted, order=order)
+        _assert_same(hps(kjt), ref(kjt))
+
+
+def test_cache_far_smaller_than_tables_evicts_and_counts(make_hps):
+    ref, hps = make_hps(cache=CacheConfig(cache_ratio=0.05, hit_rate_threshold=1.0))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        kjt = random_kjt(TABLES, 4, max_len=2, gen=gen)
+        _assert_same(hps(kjt), ref(kjt))
+    s = hps.stats()
+    assert s["t3"]["capacity"] == 25 and s["t3"]["cached_rows"] <= 25
+    assert s["t3"]["evicted"] > 0 and s["t3"]["hits"] > 0 and s["t3"]["misses"] > 0
+    assert s["t3"]["hits"] + s["t3"]["misses"] == s["t3"]["unique_ids"]
+    assert s["_module"]["calls"] == 20 and s["_module"]["p99_ms"] >= s["_module"]["p50_ms"] > 0
+
+
+def _kjt(feature_ids):
+    """One bag per feature, batch 1: {feature: [ids]} in TABLES' feature order."""
+    feats = ["f1", "f3", "f2", "f4"]
+    vals = [feature_ids.get(f, []) for f in feats]
+    return KeyedJaggedTensor.from_lengths_sync(keys=feats, values=torch.tensor(sum(vals, []), dtype=torch.int64),
+                                               lengths=torch.tensor([len(v) for v in vals]))
+
+
+def test_lru_eviction_order(make_hps):
+    ref, hps = make_hps(cache=CacheConfig(cache_rows=3, hit_rate_threshold=1.0, eviction="lru"))
+    for ids in ([1], [2], [3], [1], [4]):  # 2 is the least recently used when 4 arrives
+        hps(_kjt({"f4": ids}))
+    group, t = hps._loc("t3")
+    assert group.cached_keys(t).tolist() == [1, 3, 4]
+
+
+def test_lfu_eviction_order(make_hps):
+    ref, hps = make_hps(cache=CacheConfig(cache_rows=3, hit_rate_threshold=1.0, eviction="lfu"))
+    for ids in ([1], [1], [2], [2], [3], [4]):  # 3 is used least often (ties to the oldest)
+        hps(_kjt({"f4": ids}))
+    group, t = hps._loc("t3")
+    assert group.cached_keys(t).tolist() == [1, 2, 4]
+
+
+def test_async_mode_serves_defaults_then_cached_rows(make_hps):
+    ref, hps = make_hps(cache=CacheConfig(cache_ratio=1.0, hit_rate_threshold=0.0, default_value=0.5))
+    kjt = random_kjt(TABLES, 8, gen=torch.Generator().manual_seed(3))
+    first = hps(kjt).to_dict()
+    # every id missed: the lookup did not wait, each bag of n ids pooled n default vectors
+    lengths = kjt.lengths().view(4, 8)
+    torch.testing.assert_close(first["f4"], 0.5 * lengths[3].float().unsqueeze(1).expand(8, 16))
+    hps.wait_idle()
+    _assert_same(hps(kjt), ref(kjt))
+    s = hps.stats()["t3"]
+    assert s["async_lookups"] >= 1 and s["defaulted_async"] > 0 and s["sync_lookups"] == 0
+    assert s["inserted"] == s["defaulted_async"]
+
+
+def test_threshold_picks_the_mode_per_lookup(make_hps):
+    ref, hps = make_hps(cache=CacheConfig(cache_ratio=1.0, hit_rate_threshold=0.6))
+    hps.prefill("t3", list(range(10)))
+    hps(_kjt({"f4": list(range(10)) + [11]}))  # 10 of 11 hit: >= 0.6 -> async
+    hps.wait_idle()
+    hps(_kjt({"f4": [20, 21, 22, 1]}))  # 1 of 4 hits: < 0.6 -> sync
+    s = hps.stats()["t3"]
+    assert (s["async_lookups"], s["sync_lookups"]) == (1, 1)
+
+
+def test_ids_in_no_tier_get_the_default_vector(make_hps, tmp_path):
+    ref, hps = make_hps(cache=CacheConfig(cache_ratio=0.5, hit_rate_threshold=1.0, default_value=-1.0), load=False)
+    out = hps(_kjt({"f4": [5, 6]})).to_dict()["f4"]
+    torch.testing.assert_close(out, torch.full((1, 16), -2.0))
+    hps(_kjt({"f4": [5]}))  # known absent now: not asked of the tiers again
+    s = hps.stats()["t3"]
+    assert s["not_found"] == 2
+    assert s["storage"]["keys"] == 2
+
+
+def test_unknown_ids_error_or_default(make_hps):
+    ref, hps = make_hps()
+    with pytest.raises(ValueError, match=r"feature 'f4' \(table 't3'\): id 500 is out of range; expected 0 <= id < 500"):
+        hps(_kjt({"f4": [1, 500]}))
+    with pytest.raises(ValueError, match=r"feature 'f2' \(table 't2'\): id -1"):
+        hps(_kjt({"f2": [-1]}))
+    ref2, hps2 = make_hps(cache=CacheConfig(cache_ratio=0.5, hit_rate_threshold=1.0, unknown_keys="default",
+                                            default_value=2.0), model="other")
+    out = hps2(_kjt({"f4": [1, 500]})).to_dict()["f4"]
+    w = ref2.embedding_bags["t3"].weight.detach()
+    torch.testing.assert_close(out, (w[1] + 2.0).unsqueeze(0))
+    assert hps2.stats()["_module"]["unknown_ids"] == 1
+
+
+def test_bad_inputs_name_what_is_wrong(make_hps):
+    ref, hps = make_hps(tables=SUM_TABLES, weighted=True)
+    good = random_kjt(SUM_TABLES, 2, gen=torch.Generator().manual_seed(1), weighted=True)
+    cases = [
+        (KeyedJaggedTensor.from_lengths_sync(keys=["f1", "f2", "f3", "f4", "zz"], values=torch.tensor([1]),
+                                             lengths=torch.tensor([1, 0, 0, 0, 0]), weights=torch.ones(1)),
+         r"features \['zz'\] are not in the module's tables"),
+        (KeyedJaggedTensor.from_lengths_sync(keys=["f1", "f2", "f3"], values=torch.tensor([1]),
+                                             lengths=torch.tensor([1, 0, 0]), weights=torch.ones(1)),
+         r"features \['f4'\] are missing"),
+        (KeyedJaggedTensor(keys=good.keys(), values=good.values().float(), lengths=good.lengths(),
+                           weights=good.weights()), "ids must be int32 or int64"),
+        (KeyedJaggedTensor(keys=good.keys(), values=good.values()[:-1], lengths=good.lengths(),
+                           weights=good.weights()[:-1]), "lengths add up to"),
+        (KeyedJaggedTensor(keys=good.keys(), values=good.values(), lengths=good.lengths()),
+         "has no weights"),
+        (KeyedJaggedTensor(keys=good.keys(), values=torch.tensor([1, 2]),
+                           lengths=torch.tensor([3, -1, 0, 0, 0, 0, 0, 0]), weights=torch.ones(2)),
+         "feature 'f1': negative bag length"),
+    ]
+    for kjt, message in cases:
+        with pytest.raises(ValueError, match=message):
+            hps(kjt)
+    _assert_same(hps(good), ref(good))  # the module still works after rejected inputs
+
+
+def test_empty_batch_and_empty_bags(make_hps):
+    ref, hps = make_hps()
+    empty = KeyedJaggedTensor.from_lengths_sync(keys=["f1", "f3", "f2", "f4"], values=torch.empty(0, dtype=torch.int64),
+                                                lengths=torch.zeros(8, dtype=torch.int64))
+    out = hps(empty)
+    assert out.values().shape == (2, 8 + 8 + 4 + 16) and out.values().eq(0).all()
+    _assert_same(out, ref(empty))
+    no_batch = KeyedJaggedTensor.from_lengths_sync(keys=["f1", "f3", "f2", "f4"],
+                                                   values=torch.empty(0, dtype=torch.int64),
+                                                   lengths=torch.empty(0, dtype=torch.int64))
+    assert hps(no_batch).values().shape == (0, 36)
+
+
+def test_update_invalidate_prefill_refresh(make_hps):
+    ref, hps = make_hps(cache=CacheConfig(cache_ratio=0.2, hit_rate_threshold=1.0))
+    assert hps.prefill("t3", [9, 8, 7]) == 3
+    group, t = hps._loc("t3")
+    assert group.cached_keys(t).tolist() == [7, 8, 9]
+    new = torch.full((2, 16), 7.0)
+    assert hps.update("t3", [8, 100], new) == 1  # 8 cached, 100 not
+    assert hps(_kjt({"f4": [8]})).to_dict()["f4"].eq(7.0).all()
+    hps.refresh("t3")  # the tiers still hold the trained row: refresh brings it back
+    w = ref.embedding_bags["t3"].weight.detach()
+    torch.testing.assert_close(hps(_kjt({"f4": [8]})).to_dict()["f4"][0], w[8])
+    hps.invalidate("t3", [8, 9])
+    assert group.cached_keys(t).tolist() == [7]
+    with pytest.raises(ValueError, match="unknown table 'nope'"):
+        hps.invalidate("nope", [1])
+    with pytest.raises(ValueError, match=r"table 't3': id 999"):
+        hps.update("t3", [999], torch.zeros(1, 16))
+    with pytest.raises(ValueError, match=r"rows must have shape \[1, 16\]"):
+        hps.update("t3", [1], torch.zeros(1, 8))
+
+
+def test_two_models_share_one_hierarchy_by_namespace(make_hps, namespace, tmp_path):
+    from torchrec_hps.config import RocksDBTierConfig, StorageConfig
+    from torchrec_hps.storage import StorageHierarchy
+
+    shared = StorageHierarchy.from_config(StorageConfig(rocksdb=RocksDBTierConfig(path=str(tmp_path / "shared"))))
+    ref_a, hps_a = make_hps(model=f"{namespace}_a", storage=shared)
+    ref_b, hps_b = make_hps(model=f"{namespace}_b", storage=shared)
+    kjt = random_kjt(TABLES, 4, gen=torch.Generator().manual_seed(5))
+    _assert_same(hps_a(kjt), ref_a(kjt))
+    _assert_same(hps_b(kjt), ref_b(kjt))
+    assert not torch.equal(hps_a(kjt).values(), hps_b(kjt).values())
+
+
+def test_weighted_mean_tables_are_rejected(make_hps):
+    with pytest.raises(ValueError, match="table 't2': weighted features need SUM pooling"):
+        make_hps(weighted=True)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match=r"cache.eviction='fifo' is not allowed; expected one of \['lru', 'lfu'\]"):
+        CacheConfig(eviction="fifo")
+    with pytest.raises(ValueError, match="hit_rate_threshold"):
+        CacheConfig(hit_rate_threshold=1.5)
