@@ -1,0 +1,54 @@
+"""Swap-in: turn a trained TorchRec model into one served through the parameter server."""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from torchrec_hps.config import HPSConfig
+from torchrec_hps.modules.hps_ebc import HPSEmbeddingBagCollection
+from torchrec_hps.storage.bulk_load import bulk_load
+from torchrec_hps.storage.hierarchy import StorageHierarchy
+from torchrec_hps.storage.memory import MemoryTier
+
+
+def full_copy_tiers(storage: StorageHierarchy):
+    """Tiers a bulk load writes: all but memory tiers, which fill on demand (or the memory tier alone)."""
+    tiers = [t for t in storage.tiers if not isinstance(t, MemoryTier)]
+    return tiers or storage.tiers
+
+
+def swap_in_hps(
+    model: torch.nn.Module,
+    config: HPSConfig,
+    storage: Optional[StorageHierarchy] = None,
+    load: bool = True,
+    progress: bool = False,
+    device: Optional[torch.device] = None,
+) -> Tuple[torch.nn.Module, StorageHierarchy]:
+    """Replace every EmbeddingBagCollection in `model` (in place) by an HPSEmbeddingBagCollection over
+    `storage` (built from config.storage if not given), bulk-loading its weights into the tiers that keep
+    full copies unless `load=False` (tables already loaded). Returns the model and the hierarchy."""
+    found: List[Tuple[torch.nn.Module, str, EmbeddingBagCollection]] = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, EmbeddingBagCollection):
+                found.append((parent, name, child))
+    if not found and isinstance(model, EmbeddingBagCollection):
+        raise ValueError("pass a model that holds the EmbeddingBagCollection (or use HPSEmbeddingBagCollection "
+                         "directly): the top-level module cannot be replaced in place")
+    if not found:
+        raise ValueError("no torchrec EmbeddingBagCollection found in the model")
+    tables = [t.name for _, _, ebc in found for t in ebc.embedding_bag_configs()]
+    if len(set(tables)) != len(tables):
+        raise ValueError(f"table names repeat across the model's EmbeddingBagCollections ({tables}); they share "
+                         f"one namespace ({config.model!r}) in the tiers")
+    storage = storage if storage is not None else StorageHierarchy.from_config(config.storage)
+    for parent, name, ebc in found:
+        if load:
+            bulk_load(full_copy_tiers(storage), config.model, ebc, progress=progress)
+        hps = HPSEmbeddingBagCollection(ebc.embedding_bag_configs(), config, storage=storage,
+                                        is_weighted=ebc.is_weighted(), device=device)
+        setattr(parent, name, hps)
+    return model, storage
