@@ -3,5 +3,7 @@ from torchrec_hps._env import EnvironmentCheckError, check_environment, load_fbg
 
 load_fbgemm()
 
+from torchrec_hps.modules import ops as _ops  # noqa: E402,F401  (registers torchrec_hps::pooled_lookup)
+
 __version__ = "0.1.0"
 __all__ = ["EnvironmentCheckError", "check_environment", "__version__"]

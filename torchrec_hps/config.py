@@ -159,3 +159,43 @@ class HPSConfig:
     model: str
     cache: CacheConfig = field(default_factory=CacheConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+def _build(cls, data: Optional[Dict[str, Any]], where: str):
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; allowed keys: {sorted(known)}")
+    return cls(**data)
+
+
+def storage_config_from_dict(data: Dict[str, Any]) -> StorageConfig:
+    data = dict(data or {})
+    return StorageConfig(
+        memory=_build(MemoryTierConfig, data.pop("memory", None), "storage.memory"),
+        redis=_build(RedisTierConfig, data.pop("redis", None), "storage.redis"),
+        rocksdb=_build(RocksDBTierConfig, data.pop("rocksdb", None), "storage.rocksdb"),
+        **_check_empty(data, "storage", ["memory", "redis", "rocksdb"]),
+    )
+
+
+def hps_config_from_dict(data: Dict[str, Any]) -> HPSConfig:
+    """The inverse of dataclasses.asdict(HPSConfig): unknown keys are errors that name the key."""
+    data = dict(data)
+    if "model" not in data:
+        raise ValueError("config: 'model' (the model's namespace in the tiers) is required")
+    cache = _build(CacheConfig, data.pop("cache", None), "cache") or CacheConfig()
+    storage = storage_config_from_dict(data.pop("storage", None) or {})
+    model = data.pop("model")
+    _check_empty(data, "config", ["model", "cache", "storage"])
+    return HPSConfig(model=model, cache=cache, storage=storage)
+
+
+def _check_empty(rest: Dict[str, Any], where: str, allowed: List[str]) -> Dict[str, Any]:
+    if rest:
+        raise ValueError(f"{where}: unknown keys {sorted(rest)}; allowed keys: {allowed}")
+    return {}

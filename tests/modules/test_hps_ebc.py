@@ -57,16 +57,14 @@ def test_lru_eviction_order(make_hps):
     ref, hps = make_hps(cache=CacheConfig(cache_rows=3, hit_rate_threshold=1.0, eviction="lru"))
     for ids in ([1], [2], [3], [1], [4]):  # 2 is the least recently used when 4 arrives
         hps(_kjt({"f4": ids}))
-    group, t = hps._loc("t3")
-    assert group.cached_keys(t).tolist() == [1, 3, 4]
+    assert hps.cached_keys("t3").tolist() == [1, 3, 4]
 
 
 def test_lfu_eviction_order(make_hps):
     ref, hps = make_hps(cache=CacheConfig(cache_rows=3, hit_rate_threshold=1.0, eviction="lfu"))
     for ids in ([1], [1], [2], [2], [3], [4]):  # 3 is used least often (ties to the oldest)
         hps(_kjt({"f4": ids}))
-    group, t = hps._loc("t3")
-    assert group.cached_keys(t).tolist() == [1, 2, 4]
+    assert hps.cached_keys("t3").tolist() == [1, 2, 4]
 
 
 def test_async_mode_serves_defaults_then_cached_rows(make_hps):
@@ -159,8 +157,7 @@ def test_empty_batch_and_empty_bags(make_hps):
 def test_update_invalidate_prefill_refresh(make_hps):
     ref, hps = make_hps(cache=CacheConfig(cache_ratio=0.2, hit_rate_threshold=1.0))
     assert hps.prefill("t3", [9, 8, 7]) == 3
-    group, t = hps._loc("t3")
-    assert group.cached_keys(t).tolist() == [7, 8, 9]
+    assert hps.cached_keys("t3").tolist() == [7, 8, 9]
     new = torch.full((2, 16), 7.0)
     assert hps.update("t3", [8, 100], new) == 1  # 8 cached, 100 not
     assert hps(_kjt({"f4": [8]})).to_dict()["f4"].eq(7.0).all()
@@ -168,7 +165,7 @@ def test_update_invalidate_prefill_refresh(make_hps):
     w = ref.embedding_bags["t3"].weight.detach()
     torch.testing.assert_close(hps(_kjt({"f4": [8]})).to_dict()["f4"][0], w[8])
     hps.invalidate("t3", [8, 9])
-    assert group.cached_keys(t).tolist() == [7]
+    assert hps.cached_keys("t3").tolist() == [7]
     with pytest.raises(ValueError, match="unknown table 'nope'"):
         hps.invalidate("nope", [1])
     with pytest.raises(ValueError, match=r"table 't3': id 999"):

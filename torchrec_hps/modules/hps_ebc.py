@@ -1,39 +1,40 @@
 """HPSEmbeddingBagCollection: a drop-in for TorchRec's EmbeddingBagCollection whose tables live in the
 storage hierarchy and whose hot rows live in a cache (GPU HBM with CUDA, host memory without).
 
-Data flow: KJT -> input checks -> one feature permutation into group order -> per pooling group, the
-cache (remap ids to slots, fetch misses from the tiers, fbgemm TBE over the slots) -> KeyedTensor.
+The module is a thin front: its forward is one `torchrec_hps::pooled_lookup` op call (see ops.py), so
+models holding it can be scripted (directly or after torchrec.fx tracing) and exported with torch.export;
+the lookups are served by its HPSEngine (engine.py).
 """
 from __future__ import annotations
 
-import threading
-import time
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Union
 
 import numpy as np
 import torch
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from torchrec_hps.config import HPSConfig, TableSpec
-from torchrec_hps.modules.cache import AsyncInserter, EmbeddingCacheGroup, TBECacheGroup
-from torchrec_hps.modules.kjt_checks import check_kjt_layout, describe_bad_id, out_of_range
+from torchrec_hps.config import HPSConfig
+from torchrec_hps.modules.engine import HPSEngine
+from torchrec_hps.modules.ops import engine_spec, register_engine
 from torchrec_hps.storage.hierarchy import StorageHierarchy
 
-_POOLING = {PoolingType.SUM: 0, PoolingType.MEAN: 1}  # fbgemm PoolingMode values
 
-
-def _pooling_mode(pooling: PoolingType):
-    from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
-
-    return PoolingMode.SUM if pooling == PoolingType.SUM else PoolingMode.MEAN
+@torch.fx.wrap
+def hps_pooled_lookup(features: KeyedJaggedTensor, handle: str) -> torch.Tensor:
+    # fx.wrap (which patches this module's globals, so it lives here, next to its caller): FX records one
+    # call instead of tracing into the KJT, whose keys are known only at runtime
+    return torch.ops.torchrec_hps.pooled_lookup(features.values(), features.lengths(), features.weights_or_none(),
+                                                ",".join(features.keys()), handle)
 
 
 class HPSEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     """KeyedJaggedTensor in, KeyedTensor out, as torchrec.EmbeddingBagCollection, with the same
     EmbeddingBagConfigs; `config` names the model (its namespace in the shared tiers), the cache and the
     tiers. Pass `storage` to share one hierarchy between several modules or models."""
+
+    __jit_unused_properties__ = ["engine", "storage"]  # Python-side controls, not part of the scripted graph
 
     def __init__(
         self,
@@ -44,197 +45,55 @@ class HPSEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         device: Optional[Union[str, torch.device]] = None,
     ) -> None:
         super().__init__()
-        if not tables:
-            raise ValueError("HPSEmbeddingBagCollection needs at least one table")
-        names = [t.name for t in tables]
-        if len(set(names)) != len(names):
-            raise ValueError(f"table names repeat: {names}")
-        seen: Dict[str, str] = {}
-        for t in tables:
-            if t.pooling not in _POOLING:
-                raise ValueError(f"table {t.name!r}: pooling {t.pooling} is not supported; expected SUM or MEAN")
-            if is_weighted and t.pooling != PoolingType.SUM:
-                raise ValueError(f"table {t.name!r}: weighted features need SUM pooling (as in TorchRec), got {t.pooling}")
-            for f in t.feature_names:
-                if f in seen:
-                    raise ValueError(f"feature {f!r} is in tables {seen[f]!r} and {t.name!r}; a feature feeds one table")
-                seen[f] = t.name
+        engine = HPSEngine(tables, config, storage=storage, is_weighted=is_weighted, device=device)
+        self._engine = engine  # a plain object: TorchScript and export see only the attributes below
+        self._handle: str = register_engine(engine, engine_spec(tables, config, is_weighted))
+        self._feature_names: List[str] = list(engine.feature_names)
+        self._dims: List[int] = list(engine.dims)
         self._configs = list(tables)
-        self._is_weighted = is_weighted
-        self.config = config
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.storage = storage if storage is not None else StorageHierarchy.from_config(config.storage)
-        self._owns_storage = storage is None
-        self.specs = [TableSpec(config.model, t.name, t.num_embeddings, t.embedding_dim) for t in tables]
-        self.storage.add_tables(self.specs)
+        self._weighted = is_weighted
 
-        # Features in config order (the output's order), and an internal group-major order in which each
-        # pooling group's features are contiguous in the KJT, so one permute feeds every group.
-        self._feature_names = [f for t in tables for f in t.feature_names]
-        feature_table = [i for i, t in enumerate(tables) for _ in t.feature_names]
-        self._dims = [tables[i].embedding_dim for i in feature_table]
-        group_tables: Dict[PoolingType, List[int]] = {}
-        for i, t in enumerate(tables):
-            group_tables.setdefault(t.pooling, []).append(i)
-        groups: List[EmbeddingCacheGroup] = []
-        self._table_loc: Dict[str, tuple] = {}
-        internal: List[int] = []  # internal position -> config feature index
-        self._group_features: List[int] = []  # features per group
-        for pooling, tidx in group_tables.items():
-            local = {ti: j for j, ti in enumerate(tidx)}
-            feats = [f for f, ti in enumerate(feature_table) if ti in local]
-            internal += feats
-            self._group_features.append(len(feats))
-            for ti in tidx:
-                self._table_loc[tables[ti].name] = (len(groups), local[ti])
-            groups.append(TBECacheGroup([self.specs[ti] for ti in tidx], [local[feature_table[f]] for f in feats],
-                                        _pooling_mode(pooling), self.storage, config.cache, self.device))
-        self.groups = torch.nn.ModuleList(groups)
-        self._internal_names = [self._feature_names[f] for f in internal]
-        self._internal_tables = [tables[feature_table[f]].name for f in internal]
-        self._internal_rows = [tables[feature_table[f]].num_embeddings for f in internal]
-        self.register_buffer("_num_embeddings", torch.tensor(self._internal_rows, dtype=torch.int64,
-                                                             device=self.device), persistent=False)
-        cols = np.concatenate([[0], np.cumsum([self._dims[f] for f in internal])])
-        col_of = {f: np.arange(cols[i], cols[i + 1]) for i, f in enumerate(internal)}
-        perm = np.concatenate([col_of[f] for f in range(len(self._feature_names))])
-        self._out_perm = None if np.array_equal(perm, np.arange(len(perm))) else torch.from_numpy(perm).to(self.device)
-        self.inserter = AsyncInserter() if config.cache.hit_rate_threshold < 1.0 else None
-        for g in groups:
-            g.inserter = self.inserter
-        self._forward_stats = {"calls": 0, "ids": 0, "unknown_ids": 0, "seconds": 0.0}
-        self._latencies: List[float] = []
-        self._stats_lock = threading.Lock()
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        values = hps_pooled_lookup(features, self._handle)
+        return KeyedTensor(keys=self._feature_names, length_per_key=self._dims, values=values)
 
     # ---- EmbeddingBagCollectionInterface ----
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
         return self._configs
 
     def is_weighted(self) -> bool:
-        return self._is_weighted
+        return self._weighted
 
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        t0 = time.perf_counter()
-        check_kjt_layout(features, self._feature_names, self._is_weighted)
-        if features.keys() != self._internal_names:
-            index = {k: i for i, k in enumerate(features.keys())}
-            features = features.permute([index[k] for k in self._internal_names])
-        if features.values().device != self.device:
-            features = features.to(self.device)
-        batch = features.stride()
-        values = features.values()
-        lengths = features.lengths()
-        weights = features.weights_or_none() if self._is_weighted else None
-        counts = lengths.view(len(self._internal_names), batch).sum(1) if batch else \
-            torch.zeros(len(self._internal_names), dtype=lengths.dtype, device=lengths.device)
-        bad = out_of_range(values, counts, self._num_embeddings)
-        n_bad = int(bad.sum())
-        if n_bad and self.config.cache.unknown_keys == "error":
-            raise ValueError(describe_bad_id(values, bad, counts, self._internal_names, self._internal_tables,
-                                             self._internal_rows))
-        outs = []
-        f_lo, v_lo = 0, 0
-        for group, n_feat in zip(self.groups, self._group_features):
-            g_counts = counts[f_lo:f_lo + n_feat]
-            v_hi = v_lo + int(g_counts.sum())
-            g_lengths = lengths[f_lo * batch:(f_lo + n_feat) * batch]
-            offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(g_lengths)
-            outs.append(group(values[v_lo:v_hi], offsets, weights[v_lo:v_hi] if weights is not None else None,
-                              g_counts, bad[v_lo:v_hi] if n_bad else None))
-            f_lo, v_lo = f_lo + n_feat, v_hi
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-        if self._out_perm is not None:
-            out = out.index_select(1, self._out_perm)
-        dt = time.perf_counter() - t0
-        with self._stats_lock:
-            s = self._forward_stats
-            s["calls"] += 1
-            s["ids"] += int(values.numel())
-            s["unknown_ids"] += n_bad
-            s["seconds"] += dt
-            self._latencies.append(dt)
-            if len(self._latencies) > 10000:
-                del self._latencies[:5000]
-        return KeyedTensor(keys=self._feature_names, length_per_key=self._dims, values=out)
+    # ---- serving controls, delegated to the engine ----
+    @property
+    def engine(self) -> HPSEngine:
+        return self._engine
 
-    # ---- cache control (the update path, pre-fill, refresh) ----
-    def _loc(self, table: str):
-        try:
-            g, t = self._table_loc[table]
-        except KeyError:
-            raise ValueError(f"unknown table {table!r}; tables: {list(self._table_loc)}") from None
-        return self.groups[g], t
-
-    @staticmethod
-    def _keys(keys: Union[torch.Tensor, np.ndarray, Sequence[int]]) -> np.ndarray:
-        arr = keys.cpu().numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
-        return np.asarray(arr, dtype=np.int64).reshape(-1)
-
-    def _checked_keys(self, table: str, keys) -> np.ndarray:
-        k = self._keys(keys)
-        group, t = self._loc(table)
-        n = group.specs[t].num_rows
-        if k.size and (k.min() < 0 or k.max() >= n):
-            bad = k[(k < 0) | (k >= n)][0]
-            raise ValueError(f"table {table!r}: id {int(bad)} is out of range; expected 0 <= id < {n}")
-        return k
-
-    def invalidate(self, table: str, keys) -> None:
-        group, t = self._loc(table)
-        group.invalidate(t, np.unique(self._checked_keys(table, keys)))
-
-    def update(self, table: str, keys, rows: torch.Tensor) -> int:
-        """New rows for ids of `table` (the tiers are written separately, by the caller or the train
-        bridge); cached copies are overwritten in place. Returns how many were cached."""
-        group, t = self._loc(table)
-        k = self._checked_keys(table, keys)
-        dim = group.specs[t].dim
-        if rows.shape != (len(k), dim):
-            raise ValueError(f"table {table!r}: rows must have shape [{len(k)}, {dim}], got {list(rows.shape)}")
-        uk, last = np.unique(k[::-1], return_index=True)  # repeated ids: the last row wins
-        return group.update(t, uk, rows[torch.from_numpy(len(k) - 1 - last)].float())
-
-    def prefill(self, table: str, keys) -> int:
-        """Load rows for `keys` (hottest first, e.g. sorted by a key-frequency file) into the cache."""
-        group, t = self._loc(table)
-        k = self._checked_keys(table, keys)
-        _, first = np.unique(k, return_index=True)
-        return group.prefill(t, k[np.sort(first)])
-
-    def refresh(self, table: Optional[str] = None) -> Dict[str, int]:
-        names = [table] if table is not None else list(self._table_loc)
-        out = {}
-        for name in names:
-            group, t = self._loc(name)
-            out[name] = group.refresh(t)
-        return out
-
-    def wait_idle(self) -> None:
-        """Block until background insertions queued so far are done."""
-        if self.inserter is not None:
-            self.inserter.wait_idle()
+    @property
+    def storage(self) -> StorageHierarchy:
+        return self._engine.storage
 
     def stats(self) -> Dict[str, Dict]:
-        """Per table: cache counters, hit rate, and which storage tier served the misses; and the module's
-        lookup latency."""
-        storage = self.storage.stats()
-        out: Dict[str, Dict] = {}
-        for spec in self.specs:
-            group, t = self._loc(spec.name)
-            d = dict(group.table_stats(t))
-            d["storage"] = storage.get(spec.key, {})
-            out[spec.name] = d
-        with self._stats_lock:
-            lat = np.asarray(self._latencies) * 1e3
-            fwd = dict(self._forward_stats)
-        if len(lat):
-            fwd.update(p50_ms=float(np.percentile(lat, 50)), p99_ms=float(np.percentile(lat, 99)))
-        out["_module"] = fwd
-        return out
+        return self._engine.stats()
+
+    def invalidate(self, table: str, keys) -> None:
+        self._engine.invalidate(table, keys)
+
+    def update(self, table: str, keys, rows: torch.Tensor) -> int:
+        return self._engine.update(table, keys, rows)
+
+    def prefill(self, table: str, keys) -> int:
+        return self._engine.prefill(table, keys)
+
+    def refresh(self, table: Optional[str] = None) -> Dict[str, int]:
+        return self._engine.refresh(table)
+
+    def cached_keys(self, table: str) -> np.ndarray:
+        group, t = self._engine._loc(table)
+        return group.cached_keys(t)
+
+    def wait_idle(self) -> None:
+        self._engine.wait_idle()
 
     def close(self) -> None:
-        if self.inserter is not None:
-            self.inserter.close()
-            self.inserter = None
-        if self._owns_storage:
-            self.storage.close()
+        self._engine.close()

@@ -150,5 +150,6 @@ class RocksDBTier(StorageTier):
             except Exception:
                 pass
         self._cfs.clear()
+        self._handles.clear()  # column family handles keep the database (and its LOCK) alive
         self._db.close()
         self._db = None
