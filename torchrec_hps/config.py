@@ -131,6 +131,7 @@ class CacheConfig:
 
     cache_ratio: float = 0.1  # share of each table's rows the cache holds (HPS's gpucacheper)
     cache_rows: Optional[int] = None  # or an absolute number of rows per table (wins over cache_ratio)
+    min_cache_rows: int = 1024  # small tables are cached whole up to this many rows, whatever the ratio
     hit_rate_threshold: float = 0.9  # below it a lookup waits for missing rows; at or above, default now
     eviction: str = "lru"
     default_value: float = 0.0  # the default vector's value, for keys found in no tier (and async misses)
@@ -141,13 +142,18 @@ class CacheConfig:
         _check_range("cache", "hit_rate_threshold", self.hit_rate_threshold, 0.0, 1.0)
         _check_choice("cache", "eviction", self.eviction, EVICTION_POLICIES)
         _check_choice("cache", "unknown_keys", self.unknown_keys, UNKNOWN_KEY_POLICIES)
+        if self.min_cache_rows < 0:
+            raise ValueError(f"cache.min_cache_rows={self.min_cache_rows} must be >= 0")
         if self.cache_rows is not None and self.cache_rows <= 0:
             raise ValueError(f"cache.cache_rows={self.cache_rows} must be positive")
         if self.cache_rows is None and self.cache_ratio <= 0:
             raise ValueError("cache.cache_ratio must be > 0 (or give cache_rows)")
 
     def rows_for(self, num_embeddings: int) -> int:
-        rows = self.cache_rows if self.cache_rows is not None else int(round(self.cache_ratio * num_embeddings))
+        if self.cache_rows is not None:
+            rows = self.cache_rows
+        else:
+            rows = max(int(round(self.cache_ratio * num_embeddings)), self.min_cache_rows)
         return max(1, min(rows, num_embeddings))
 
 

@@ -51,7 +51,7 @@ def make_hps(tmp_path, namespace):
         name = model or namespace
         if load:
             bulk_load(storage.tiers[-1:], name, ref, progress=False)  # the full copy in the bottom tier
-        cfg = HPSConfig(model=name, cache=cache or CacheConfig(cache_ratio=0.1, hit_rate_threshold=1.0))
+        cfg = HPSConfig(model=name, cache=cache or CacheConfig(min_cache_rows=1, cache_ratio=0.1, hit_rate_threshold=1.0))
         hps = HPSEmbeddingBagCollection(tables, cfg, storage=storage, is_weighted=weighted)
         made.append((hps, storage))
         return ref, hps

@@ -38,7 +38,7 @@ def _swapped(tmp_path, namespace):
     batches = [(torch.randn(4, 5, generator=gen), random_kjt(DLRM_TABLES, 4, gen=gen)) for _ in range(3)]
     with torch.no_grad():
         expected = [model(d, s) for d, s in batches]
-    cfg = HPSConfig(model=namespace, cache=CacheConfig(cache_ratio=0.1, hit_rate_threshold=1.0),
+    cfg = HPSConfig(model=namespace, cache=CacheConfig(min_cache_rows=1, cache_ratio=0.1, hit_rate_threshold=1.0),
                     storage=StorageConfig(memory=MemoryTierConfig(capacity=50),
                                           rocksdb=RocksDBTierConfig(path=str(tmp_path / "db"))))
     model, storage = swap_in_hps(model, cfg)

@@ -23,7 +23,7 @@ def _assert_same(out, ref):
        eviction=st.sampled_from(["lru", "lfu"]), weighted=st.booleans(), shuffle=st.booleans())
 def test_equals_torchrec_in_sync_mode(make_hps, seed, batch, ratio, eviction, weighted, shuffle):
     tables = SUM_TABLES if weighted else TABLES  # TorchRec pools weighted features with SUM only
-    ref, hps = make_hps(tables=tables, cache=CacheConfig(cache_ratio=ratio, hit_rate_threshold=1.0,
+    ref, hps = make_hps(tables=tables, cache=CacheConfig(min_cache_rows=1, cache_ratio=ratio, hit_rate_threshold=1.0,
                                                          eviction=eviction), weighted=weighted)
     gen = torch.Generator().manual_seed(seed)
     order = ["f4", "f2", "f1", "f3"] if shuffle else None
@@ -33,7 +33,7 @@ def test_equals_torchrec_in_sync_mode(make_hps, seed, batch, ratio, eviction, we
 
 
 def test_cache_far_smaller_than_tables_evicts_and_counts(make_hps):
-    ref, hps = make_hps(cache=CacheConfig(cache_ratio=0.05, hit_rate_threshold=1.0))
+    ref, hps = make_hps(cache=CacheConfig(min_cache_rows=1, cache_ratio=0.05, hit_rate_threshold=1.0))
     gen = torch.Generator().manual_seed(0)
     for _ in range(20):
         kjt = random_kjt(TABLES, 4, max_len=2, gen=gen)
@@ -68,7 +68,7 @@ def test_lfu_eviction_order(make_hps):
 
 
 def test_async_mode_serves_defaults_then_cached_rows(make_hps):
-    ref, hps = make_hps(cache=CacheConfig(cache_ratio=1.0, hit_rate_threshold=0.0, default_value=0.5))
+    ref, hps = make_hps(cache=CacheConfig(min_cache_rows=1, cache_ratio=1.0, hit_rate_threshold=0.0, default_value=0.5))
     kjt = random_kjt(TABLES, 8, gen=torch.Generator().manual_seed(3))
     first = hps(kjt).to_dict()
     # every id missed: the lookup did not wait, each bag of n ids pooled n default vectors
@@ -82,7 +82,7 @@ def test_async_mode_serves_defaults_then_cached_rows(make_hps):
 
 
 def test_threshold_picks_the_mode_per_lookup(make_hps):
-    ref, hps = make_hps(cache=CacheConfig(cache_ratio=1.0, hit_rate_threshold=0.6))
+    ref, hps = make_hps(cache=CacheConfig(min_cache_rows=1, cache_ratio=1.0, hit_rate_threshold=0.6))
     hps.prefill("t3", list(range(10)))
     hps(_kjt({"f4": list(range(10)) + [11]}))  # 10 of 11 hit: >= 0.6 -> async
     hps.wait_idle()
@@ -92,7 +92,7 @@ def test_threshold_picks_the_mode_per_lookup(make_hps):
 
 
 def test_ids_in_no_tier_get_the_default_vector(make_hps, tmp_path):
-    ref, hps = make_hps(cache=CacheConfig(cache_ratio=0.5, hit_rate_threshold=1.0, default_value=-1.0), load=False)
+    ref, hps = make_hps(cache=CacheConfig(min_cache_rows=1, cache_ratio=0.5, hit_rate_threshold=1.0, default_value=-1.0), load=False)
     out = hps(_kjt({"f4": [5, 6]})).to_dict()["f4"]
     torch.testing.assert_close(out, torch.full((1, 16), -2.0))
     hps(_kjt({"f4": [5]}))  # known absent now: not asked of the tiers again
@@ -107,7 +107,7 @@ def test_unknown_ids_error_or_default(make_hps):
         hps(_kjt({"f4": [1, 500]}))
     with pytest.raises(ValueError, match=r"feature 'f2' \(table 't2'\): id -1"):
         hps(_kjt({"f2": [-1]}))
-    ref2, hps2 = make_hps(cache=CacheConfig(cache_ratio=0.5, hit_rate_threshold=1.0, unknown_keys="default",
+    ref2, hps2 = make_hps(cache=CacheConfig(min_cache_rows=1, cache_ratio=0.5, hit_rate_threshold=1.0, unknown_keys="default",
                                             default_value=2.0), model="other")
     out = hps2(_kjt({"f4": [1, 500]})).to_dict()["f4"]
     w = ref2.embedding_bags["t3"].weight.detach()
@@ -155,7 +155,7 @@ def test_empty_batch_and_empty_bags(make_hps):
 
 
 def test_update_invalidate_prefill_refresh(make_hps):
-    ref, hps = make_hps(cache=CacheConfig(cache_ratio=0.2, hit_rate_threshold=1.0))
+    ref, hps = make_hps(cache=CacheConfig(min_cache_rows=1, cache_ratio=0.2, hit_rate_threshold=1.0))
     assert hps.prefill("t3", [9, 8, 7]) == 3
     assert hps.cached_keys("t3").tolist() == [7, 8, 9]
     new = torch.full((2, 16), 7.0)
@@ -174,6 +174,16 @@ def test_update_invalidate_prefill_refresh(make_hps):
         hps.update("t3", [1], torch.zeros(1, 8))
 
 
+def test_prefill_hottest_first_from_counts(make_hps):
+    ref, hps = make_hps(cache=CacheConfig(cache_rows=3, hit_rate_threshold=1.0))
+    counts = torch.zeros(500)
+    counts[[40, 7, 300, 12]] = torch.tensor([5.0, 9.0, 1.0, 7.0])
+    assert hps.prefill_from_counts("t3", counts) == 3
+    assert hps.cached_keys("t3").tolist() == [7, 12, 40]
+    with pytest.raises(ValueError, match="counts must be 1-D with 500 entries"):
+        hps.prefill_from_counts("t3", torch.zeros(10))
+
+
 def test_two_models_share_one_hierarchy_by_namespace(make_hps, namespace, tmp_path):
     from torchrec_hps.config import RocksDBTierConfig, StorageConfig
     from torchrec_hps.storage import StorageHierarchy
@@ -190,6 +200,12 @@ def test_two_models_share_one_hierarchy_by_namespace(make_hps, namespace, tmp_pa
 def test_weighted_mean_tables_are_rejected(make_hps):
     with pytest.raises(ValueError, match="table 't2': weighted features need SUM pooling"):
         make_hps(weighted=True)
+
+
+def test_small_tables_are_cached_whole():
+    cfg = CacheConfig(cache_ratio=0.01, min_cache_rows=1024)
+    assert (cfg.rows_for(7), cfg.rows_for(5000), cfg.rows_for(1_000_000)) == (7, 1024, 10_000)
+    assert CacheConfig(cache_rows=3).rows_for(100) == 3
 
 
 def test_config_errors():

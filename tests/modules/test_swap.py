@@ -27,7 +27,7 @@ def test_swapped_dlrm_outputs_equal_the_original(tmp_path, namespace, servers):
     batches = [(torch.randn(6, 5, generator=gen), random_kjt(DLRM_TABLES, 6, gen=gen)) for _ in range(5)]
     with torch.no_grad():
         expected = [model(d, s) for d, s in batches]
-    cfg = HPSConfig(model=namespace, cache=CacheConfig(cache_ratio=0.05, hit_rate_threshold=1.0),
+    cfg = HPSConfig(model=namespace, cache=CacheConfig(min_cache_rows=1, cache_ratio=0.05, hit_rate_threshold=1.0),
                     storage=StorageConfig(memory=MemoryTierConfig(capacity=100),
                                           rocksdb=RocksDBTierConfig(path=str(tmp_path / "db"))))
     model, storage = swap_in_hps(model, cfg)

@@ -17,3 +17,14 @@ class ZipfKeys:
         """n int64 row ids; rank r (0 = hottest) is drawn with probability ~ (r + 1) ** -alpha."""
         ranks = np.searchsorted(self.cdf, self.rng.random(n), side="right")
         return self.perm[np.minimum(ranks, len(self.perm) - 1)].astype(np.int64)
+
+
+def zipf_kjt(samplers, feature_names, batch: int, ids_per_bag: int = 1):
+    """A KeyedJaggedTensor with `ids_per_bag` Zipf ids per bag for each feature (one sampler per feature)."""
+    import torch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    values = np.concatenate([s.sample(batch * ids_per_bag) for s in samplers])
+    lengths = np.full(len(feature_names) * batch, ids_per_bag, dtype=np.int64)
+    return KeyedJaggedTensor.from_lengths_sync(keys=list(feature_names), values=torch.from_numpy(values),
+                                               lengths=torch.from_numpy(lengths))

@@ -156,6 +156,10 @@ class HPSEngine:
                 del self._latencies[:5000]
         return out
 
+    def spec(self, table: str) -> TableSpec:
+        group, t = self._loc(table)
+        return group.specs[t]
+
     # ---- cache control (the update path, pre-fill, refresh) ----
     def _loc(self, table: str):
         try:

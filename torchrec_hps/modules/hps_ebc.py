@@ -85,6 +85,16 @@ class HPSEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def prefill(self, table: str, keys) -> int:
         return self._engine.prefill(table, keys)
 
+    def prefill_from_counts(self, table: str, counts: torch.Tensor) -> int:
+        """Pre-fill with the hottest rows first, from per-id lookup counts ([num_embeddings], e.g. a
+        key-frequency file saved with torch.save)."""
+        n = self._engine.spec(table).num_rows
+        if counts.dim() != 1 or counts.numel() != n:
+            raise ValueError(f"table {table!r}: counts must be 1-D with {n} entries (one per id), "
+                             f"got shape {list(counts.shape)}")
+        order = torch.argsort(counts, descending=True, stable=True)
+        return self._engine.prefill(table, order[counts[order] > 0])
+
     def refresh(self, table: Optional[str] = None) -> Dict[str, int]:
         return self._engine.refresh(table)
 

@@ -253,12 +253,13 @@ class TBECacheGroup(EmbeddingCacheGroup):
         from torch.nn.functional import embedding_bag
 
         base = int(self.key_base[t])
-        left_keys = torch.from_numpy(left["keys"] + base).to(flat.device)
-        extra = torch.full_like(self.remap, -1)  # ids not cached -> rows appended after the cache's slots
-        extra[left_keys] = torch.arange(len(left_keys), dtype=torch.int32, device=flat.device)
-        table = torch.cat([self.weights[t], left["rows"].to(self.weights[t].device)])
+        left_keys = torch.from_numpy(np.sort(left["keys"]) + base).to(flat.device)
+        order = torch.from_numpy(np.argsort(left["keys"], kind="stable")).to(flat.device)
+        table = torch.cat([self.weights[t], left["rows"].to(self.weights[t].device)[order]])
         n_cache = self.weights[t].shape[0]
-        idx = torch.where(extra[flat] >= 0, extra[flat].to(torch.int64) + n_cache, slots.to(torch.int64))
+        # ids that did not fit -> rows appended after the cache's slots (found by binary search)
+        pos = torch.searchsorted(left_keys, flat).clamp(max=len(left_keys) - 1)
+        idx = torch.where(left_keys[pos] == flat, pos + n_cache, slots.to(torch.int64))
         fmap = self.tbe.feature_table_map
         bounds = torch.cumsum(torch.cat([feature_counts.new_zeros(1), feature_counts]), 0).tolist()
         n_features = len(fmap)
