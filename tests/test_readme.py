@@ -17,3 +17,16 @@ def test_readme_storage_example_runs(servers, tmp_path, namespace):
     assert h.stats()[f"{namespace}.t1"]["served_by"]["redis"] == 4
     h.tier("redis").drop_table(f"{namespace}.t1")
     h.close()
+
+
+def test_readme_swap_in_example_runs(tmp_path, namespace):
+    code = re.search(r"## Usage: swap a trained TorchRec model onto the parameter server\n\n```python\n(.*?)```",
+                     README.read_text(), re.S).group(1)
+    code = code.replace("/var/lib/hps/rocksdb", str(tmp_path / "rocksdb")).replace("ctr_v1", namespace)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["scores"].shape == (2, 1)
+    hps = scope["model"].sparse_arch.embedding_bag_collection
+    assert hps.stats()["t0"]["unique_ids"] == 2
+    hps.close()
+    scope["storage"].close()

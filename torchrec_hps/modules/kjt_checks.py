@@ -54,6 +54,6 @@ def out_of_range(values: torch.Tensor, counts: torch.Tensor, num_embeddings: tor
 def describe_bad_id(values: torch.Tensor, bad: torch.Tensor, counts: torch.Tensor, features: List[str],
                     tables: List[str], num_embeddings: List[int]) -> str:
     i = int(torch.nonzero(bad)[0])
-    f = int(torch.searchsorted(torch.cumsum(counts, 0), torch.tensor(i), right=True))
+    f = int(torch.searchsorted(torch.cumsum(counts, 0), torch.tensor(i, device=counts.device), right=True))
     return (f"feature {features[f]!r} (table {tables[f]!r}): id {int(values[i])} is out of range; expected "
             f"0 <= id < {num_embeddings[f]} ({int(bad.sum())} bad ids in the batch)")

@@ -1,0 +1,34 @@
+"""GPU benchmark entry point: `python -m apps.bench_gpu` (needs CUDA and fbgemm-gpu)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+import torch
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, epilog="example: python -m apps.bench_gpu --rows 1000000")
+    p.add_argument("--tables", type=int, default=8)
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--json", default="results/bench_gpu.json")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_gpu: CUDA is not available here; run it on a GPU machine", file=sys.stderr)
+        return 2
+    from torchrec_hps.bench.gpu_bench import run_gpu_bench
+
+    results = run_gpu_bench(num_tables=args.tables, rows=args.rows, dim=args.dim, reps=args.reps)
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
