@@ -21,7 +21,7 @@ def small_dlrm() -> DLRM:
                 dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1]).eval()
 
 
-def test_swapped_dlrm_outputs_equal_the_original(tmp_path, namespace, servers):
+def test_swapped_dlrm_outputs_equal_the_original(tmp_path, namespace):
     model = small_dlrm()
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randn(6, 5, generator=gen), random_kjt(DLRM_TABLES, 6, gen=gen)) for _ in range(5)]

@@ -18,8 +18,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_hps.config import HPSConfig, TableSpec
-from torchrec_hps.modules.cache import AsyncInserter, EmbeddingCacheGroup, TBECacheGroup
-from torchrec_hps.modules.kjt_checks import check_kjt_layout, describe_bad_id, out_of_range
+from torchrec_hps.modules.cache import AsyncInserter, EmbeddingCacheGroup, InvalidIdsError, TBECacheGroup
+from torchrec_hps.modules.kjt_checks import check_kjt_layout, check_lengths, describe_bad_id, out_of_range
 from torchrec_hps.storage.hierarchy import StorageHierarchy
 
 _POOLING = {PoolingType.SUM: 0, PoolingType.MEAN: 1}  # fbgemm PoolingMode values
@@ -99,7 +99,8 @@ class HPSEngine:
         self.inserter = AsyncInserter() if config.cache.hit_rate_threshold < 1.0 else None
         for g in groups:
             g.inserter = self.inserter
-        self._forward_stats = {"calls": 0, "ids": 0, "unknown_ids": 0, "seconds": 0.0}
+        self._forward_stats = {"calls": 0, "ids": 0, "seconds": 0.0}
+        self._unknown_ids = torch.zeros((), dtype=torch.int64, device=self.device)
         self._latencies: List[float] = []
         self._stats_lock = threading.Lock()
 
@@ -124,23 +125,28 @@ class HPSEngine:
         values = features.values()
         lengths = features.lengths()
         weights = features.weights_or_none() if self._is_weighted else None
-        counts = lengths.view(len(self._internal_names), batch).sum(1) if batch else \
-            torch.zeros(len(self._internal_names), dtype=lengths.dtype, device=lengths.device)
+        n_feat = len(self._internal_names)
+        counts = lengths.view(n_feat, batch).sum(1) if batch else lengths.new_zeros(n_feat)
+        # one device->host read for the checks and the sizes the host needs
+        summary = torch.cat([lengths.amin().view(1) if lengths.numel() else lengths.new_zeros(1), counts]).tolist()
+        host_counts = summary[1:]
+        check_lengths(summary[0], host_counts, lengths, values, self._internal_names, batch)
         bad = out_of_range(values, counts, self._num_embeddings)
-        n_bad = int(bad.sum())
-        if n_bad and self.config.cache.unknown_keys == "error":
-            raise ValueError(describe_bad_id(values, bad, counts, self._internal_names, self._internal_tables,
-                                             self._internal_rows))
+        self._unknown_ids += bad.sum()
+        strict = self.config.cache.unknown_keys == "error"
         outs = []
         f_lo, v_lo = 0, 0
-        for group, n_feat in zip(self.groups, self._group_features):
-            g_counts = counts[f_lo:f_lo + n_feat]
-            v_hi = v_lo + int(g_counts.sum())
-            g_lengths = lengths[f_lo * batch:(f_lo + n_feat) * batch]
-            offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(g_lengths)
-            outs.append(group(values[v_lo:v_hi], offsets, weights[v_lo:v_hi] if weights is not None else None,
-                              g_counts, bad[v_lo:v_hi] if n_bad else None))
-            f_lo, v_lo = f_lo + n_feat, v_hi
+        try:
+            for group, n_g in zip(self.groups, self._group_features):
+                v_hi = v_lo + sum(host_counts[f_lo:f_lo + n_g])
+                g_lengths = lengths[f_lo * batch:(f_lo + n_g) * batch]
+                offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(g_lengths)
+                outs.append(group(values[v_lo:v_hi], offsets, weights[v_lo:v_hi] if weights is not None else None,
+                                  counts[f_lo:f_lo + n_g], bad[v_lo:v_hi], invalid_is_error=strict))
+                f_lo, v_lo = f_lo + n_g, v_hi
+        except InvalidIdsError:
+            raise ValueError(describe_bad_id(values, bad, counts, self._internal_names, self._internal_tables,
+                                             self._internal_rows)) from None
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         if self._out_perm is not None:
             out = out.index_select(1, self._out_perm)
@@ -149,7 +155,6 @@ class HPSEngine:
             s = self._forward_stats
             s["calls"] += 1
             s["ids"] += int(values.numel())
-            s["unknown_ids"] += n_bad
             s["seconds"] += dt
             self._latencies.append(dt)
             if len(self._latencies) > 10000:
@@ -230,6 +235,7 @@ class HPSEngine:
         with self._stats_lock:
             lat = np.asarray(self._latencies) * 1e3
             fwd = dict(self._forward_stats)
+        fwd["unknown_ids"] = int(self._unknown_ids)
         if len(lat):
             fwd.update(p50_ms=float(np.percentile(lat, 50)), p99_ms=float(np.percentile(lat, 99)))
         out["_module"] = fwd

@@ -9,7 +9,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 
 def check_kjt_layout(kjt: KeyedJaggedTensor, features: Sequence[str], is_weighted: bool) -> None:
-    """Features, dtypes and lengths; raises ValueError."""
+    """Features, dtypes and shapes (no device sync); raises ValueError."""
     if kjt.variable_stride_per_key():
         raise ValueError("HPSEmbeddingBagCollection: variable batch size per feature (VBE) KJTs are not supported")
     keys = kjt.keys()
@@ -31,12 +31,6 @@ def check_kjt_layout(kjt: KeyedJaggedTensor, features: Sequence[str], is_weighte
     if lengths.numel() != expected:
         raise ValueError(f"lengths has {lengths.numel()} entries; expected {len(keys)} features x batch {kjt.stride()}"
                          f" = {expected}")
-    if lengths.numel() and int(lengths.min()) < 0:
-        f = int(torch.nonzero(lengths < 0)[0]) // max(kjt.stride(), 1)
-        raise ValueError(f"feature {keys[f]!r}: negative bag length {int(lengths.min())} (offsets must not decrease)")
-    total = int(lengths.sum()) if lengths.numel() else 0
-    if total != values.numel():
-        raise ValueError(f"lengths add up to {total} ids but values has {values.numel()} (features {keys})")
     if is_weighted:
         w = kjt.weights_or_none()
         if w is None:
@@ -45,9 +39,19 @@ def check_kjt_layout(kjt: KeyedJaggedTensor, features: Sequence[str], is_weighte
             raise ValueError(f"weights must be one float per id: got {w.numel()} of {w.dtype} for {values.numel()} ids")
 
 
+def check_lengths(min_length: int, counts: List[int], lengths: torch.Tensor, values: torch.Tensor,
+                  features: List[str], batch: int) -> None:
+    """Checks on values read back from the device in one sync (the engine batches them)."""
+    if min_length < 0:
+        f = int(torch.nonzero(lengths < 0)[0]) // max(batch, 1)
+        raise ValueError(f"feature {features[f]!r}: negative bag length {min_length} (offsets must not decrease)")
+    if sum(counts) != values.numel():
+        raise ValueError(f"lengths add up to {sum(counts)} ids but values has {values.numel()} (features {features})")
+
+
 def out_of_range(values: torch.Tensor, counts: torch.Tensor, num_embeddings: torch.Tensor) -> torch.Tensor:
     """Bool mask of ids outside [0, num_embeddings of their feature's table); values feature-major."""
-    bound = torch.repeat_interleave(num_embeddings, counts)
+    bound = torch.repeat_interleave(num_embeddings, counts, output_size=values.numel())
     return (values < 0) | (values >= bound)
 
 

@@ -15,9 +15,11 @@ import torch
 class EmbeddingCacheGroup(torch.nn.Module, abc.ABC):
     @abc.abstractmethod
     def forward(self, values: torch.Tensor, offsets: torch.Tensor, per_sample_weights: Optional[torch.Tensor],
-                feature_counts: torch.Tensor, invalid: Optional[torch.Tensor] = None) -> torch.Tensor:
+                feature_counts: torch.Tensor, invalid: Optional[torch.Tensor] = None,
+                invalid_is_error: bool = False) -> torch.Tensor:
         """Pooled embeddings [B, sum of feature dims]; `values` feature-major (feature_counts[f] ids each),
-        `offsets` over the F*B bags (a KJT's layout); ids flagged `invalid` get the default vector."""
+        `offsets` over the F*B bags (a KJT's layout); ids flagged `invalid` get the default vector (or raise
+        InvalidIdsError, changing nothing, when `invalid_is_error`)."""
 
     @abc.abstractmethod
     def invalidate(self, t: int, keys: np.ndarray) -> None:

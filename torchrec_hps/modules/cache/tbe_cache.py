@@ -35,34 +35,30 @@ RESERVED_SLOTS = 2
 
 @dataclass
 class CacheTableStats:
-    lookups: int = 0  # forward calls that had ids for this table
-    ids: int = 0  # ids looked up, repeats included
-    unique_ids: int = 0
-    hits: int = 0  # unique ids found in the cache
-    misses: int = 0  # unique ids not in the cache
-    sync_lookups: int = 0
-    async_lookups: int = 0
+    sync_lookups: int = 0  # lookups with misses that waited for the rows
+    async_lookups: int = 0  # lookups with misses that served defaults and inserted in the background
+    unique_misses: int = 0  # distinct ids fetched from the tiers
     inserted: int = 0
     evicted: int = 0
-    not_found: int = 0  # unique ids found in no tier (served the default vector)
-    defaulted_async: int = 0  # unique misses served the default vector while inserted in the background
-    overflow_lookups: int = 0  # batches whose unique ids did not fit the cache (served uncached)
+    not_found: int = 0  # distinct ids found in no tier (served the default vector)
+    defaulted_async: int = 0  # distinct misses served the default vector while inserted in the background
+    overflow_lookups: int = 0  # batches whose distinct ids did not fit the cache (served uncached)
 
     def as_dict(self) -> Dict[str, float]:
-        d = asdict(self)
-        d["hit_rate"] = self.hits / self.unique_ids if self.unique_ids else 0.0
-        return d
+        return asdict(self)
+
+
+class InvalidIdsError(ValueError):
+    """Some ids are out of range and the config says that is an error (the engine names them)."""
 
 
 class _TableSlots:
-    """Host-side bookkeeping of one table's cache slots."""
+    """Host-side bookkeeping of one table's cache slots (LRU/LFU state lives on the device)."""
 
-    def __init__(self, capacity: int) -> None:
-        total = capacity + RESERVED_SLOTS
+    def __init__(self, capacity: int, base: int) -> None:
+        self.base = base  # offset of the table's slot 0 in the group's flat slot space
         self.free = FreeSlots(RESERVED_SLOTS, capacity)
-        self.key_of_slot = np.full(total, -1, dtype=np.int64)
-        self.last_access = np.zeros(total, dtype=np.int64)
-        self.freq = np.zeros(total, dtype=np.int64)
+        self.key_of_slot = np.full(capacity + RESERVED_SLOTS, -1, dtype=np.int64)
 
 
 class TBECacheGroup(EmbeddingCacheGroup):
@@ -109,7 +105,22 @@ class TBECacheGroup(EmbeddingCacheGroup):
         self.register_buffer("_feature_base", torch.tensor(self.key_base[list(feature_tables)], dtype=torch.int64,
                                                            device=device), persistent=False)
         self._feature_tables = np.asarray(feature_tables, dtype=np.int64)
-        self.slots = [_TableSlots(c) for c in self.capacities]
+        slot_bases = np.concatenate([[0], np.cumsum([c + RESERVED_SLOTS for c in self.capacities])])
+        self.slots = [_TableSlots(c, int(b)) for c, b in zip(self.capacities, slot_bases[:-1])]
+        n_features = len(feature_tables)
+        self.register_buffer("_feature_slot_base", torch.tensor(slot_bases[list(feature_tables)], dtype=torch.int64,
+                                                                device=device), persistent=False)
+        self.register_buffer("_feature_table", torch.tensor(list(feature_tables), dtype=torch.int64, device=device),
+                             persistent=False)
+        self.register_buffer("_feature_arange", torch.arange(n_features, device=device), persistent=False)
+        # LRU/LFU state and hit counters on the device, so the all-hit path never waits for the host
+        self.register_buffer("last_access", torch.zeros(int(slot_bases[-1]), dtype=torch.int64, device=device),
+                             persistent=False)
+        self.register_buffer("freq", torch.zeros(int(slot_bases[-1]), dtype=torch.int64, device=device),
+                             persistent=False)
+        self.register_buffer("_ids", torch.zeros(len(self.specs), dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer("_misses", torch.zeros(len(self.specs), dtype=torch.int64, device=device),
+                             persistent=False)
         self.stats_ = [CacheTableStats() for _ in self.specs]
         self.lock = threading.RLock()
         self._tick = 0
@@ -118,22 +129,36 @@ class TBECacheGroup(EmbeddingCacheGroup):
 
     # ---- the lookup ----
     def forward(self, values: torch.Tensor, offsets: torch.Tensor, per_sample_weights: Optional[torch.Tensor],
-                feature_counts: torch.Tensor, invalid: Optional[torch.Tensor] = None) -> torch.Tensor:
+                feature_counts: torch.Tensor, invalid: Optional[torch.Tensor] = None,
+                invalid_is_error: bool = False) -> torch.Tensor:
         """Pooled embeddings [B, sum of feature dims] for ids `values` laid out feature-major as a KJT's
         (`feature_counts[f]` ids for feature f), `offsets` over the F*B bags. Ids flagged `invalid` get the
-        default vector."""
+        default vector, or raise InvalidIdsError before anything changes if `invalid_is_error`. With every id
+        cached this is a handful of device ops, one host sync (anything missing or invalid?) and the TBE."""
         values = values.to(torch.int64)
         if invalid is not None:
             values = torch.where(invalid, torch.zeros_like(values), values)
-        flat = values + torch.repeat_interleave(self._feature_base, feature_counts)
-        ids_per_table = np.bincount(self._feature_tables, weights=feature_counts.cpu().numpy(),
-                                    minlength=len(self.specs))
-        for t in np.flatnonzero(ids_per_table):
-            self.stats_[t].ids += int(ids_per_table[t])
+        fidx = torch.repeat_interleave(self._feature_arange, feature_counts, output_size=values.numel())
+        flat = values + self._feature_base[fidx]
         with self.lock:
             self._tick += 1
-            overflow = self._prepare(flat if invalid is None else flat[~invalid])
             slots = self.remap[flat]
+            miss = slots == MISS_SLOT
+            if invalid is not None:
+                miss &= ~invalid
+            any_miss, any_invalid = torch.stack([miss.any(), invalid.any() if invalid is not None else
+                                                 miss.new_zeros(())]).tolist()
+            if any_invalid and invalid_is_error:
+                raise InvalidIdsError("ids out of range")
+            self._ids.index_add_(0, self._feature_table, feature_counts.to(torch.int64))
+            miss_per_feature = torch.zeros_like(self._feature_arange).index_add_(0, fidx, miss.to(torch.int64))
+            self._misses.index_add_(0, self._feature_table, miss_per_feature)
+            self._touch(slots, fidx)  # before any eviction: this batch's hits are protected
+            overflow: Dict[int, Dict[str, np.ndarray]] = {}
+            if any_miss:
+                overflow = self._handle_misses(flat if invalid is None else flat[~invalid], flat[miss])
+                slots = self.remap[flat]
+                self._touch(slots, fidx)
             if invalid is not None:
                 slots = torch.where(invalid, torch.full_like(slots, ABSENT_SLOT), slots)
             out = self.tbe(slots, offsets, per_sample_weights)
@@ -142,32 +167,28 @@ class TBECacheGroup(EmbeddingCacheGroup):
                                                feature_counts)
         return out
 
-    def _prepare(self, flat: torch.Tensor) -> Dict[int, Dict[str, np.ndarray]]:
-        """Touch hits, fetch and insert misses. Returns, for tables whose batch did not fit the cache, the
-        rows of the ids left uncached."""
-        uniq = torch.unique(flat)
-        tid = torch.searchsorted(self._bounds, uniq, right=True)
-        uslots = self.remap[uniq]
-        miss = uslots == MISS_SLOT
-        uniq_h, tid_h, uslots_h, miss_h = (x.cpu().numpy() for x in (uniq, tid, uslots, miss))
-        per_table_ids = np.bincount(tid_h, minlength=len(self.specs))
-        per_table_miss = np.bincount(tid_h[miss_h], minlength=len(self.specs))
-        cached = uslots_h >= RESERVED_SLOTS
-        for t in np.unique(tid_h[cached]):  # LRU/LFU bookkeeping of this batch's hits
-            sl = uslots_h[cached & (tid_h == t)]
-            self.slots[t].last_access[sl] = self._tick
-            self.slots[t].freq[sl] += 1
+    def _touch(self, slots: torch.Tensor, fidx: torch.Tensor) -> None:
+        gslots = slots.to(torch.int64) + self._feature_slot_base[fidx]
+        self.last_access[gslots] = self._tick
+        if self.config.eviction == "lfu":
+            self.freq.index_add_(0, gslots, torch.ones_like(gslots))
+
+    def _handle_misses(self, flat: torch.Tensor, missing: torch.Tensor) -> Dict[int, Dict[str, np.ndarray]]:
+        """Per table with misses: below the hit-rate threshold (over the batch's distinct ids) fetch and
+        insert now; at or above it, queue them for the background inserter. Returns, for tables whose batch
+        did not fit the cache, the rows of the ids left uncached."""
+        bounds = self._bounds.cpu().numpy()
+        uniq_h = torch.unique(flat).cpu().numpy()
+        umiss_h = torch.unique(missing).cpu().numpy()
+        n_ids = np.bincount(np.searchsorted(bounds, uniq_h, side="right"), minlength=len(self.specs))
+        tid_m = np.searchsorted(bounds, umiss_h, side="right")
+        n_miss = np.bincount(tid_m, minlength=len(self.specs))
         overflow: Dict[int, Dict[str, np.ndarray]] = {}
-        for t in np.flatnonzero(per_table_ids):
+        for t in np.flatnonzero(n_miss):
             s = self.stats_[t]
-            s.lookups += 1
-            s.unique_ids += int(per_table_ids[t])
-            s.misses += int(per_table_miss[t])
-            s.hits += int(per_table_ids[t] - per_table_miss[t])
-            if per_table_miss[t] == 0:
-                continue
-            keys = uniq_h[miss_h & (tid_h == t)] - self.key_base[t]
-            hit_rate = 1.0 - per_table_miss[t] / per_table_ids[t]
+            s.unique_misses += int(n_miss[t])
+            keys = umiss_h[tid_m == t] - self.key_base[t]
+            hit_rate = 1.0 - n_miss[t] / n_ids[t]
             if hit_rate < self.config.hit_rate_threshold or self.inserter is None:
                 s.sync_lookups += 1
                 left = self._fetch_and_insert(t, keys, protect_tick=self._tick)
@@ -203,9 +224,12 @@ class TBECacheGroup(EmbeddingCacheGroup):
         ts = self.slots[t]
         need = len(keys) - ts.free.n_free
         if need > 0:
+            span = slice(ts.base, ts.base + len(ts.key_of_slot))
+            last_access = self.last_access[span].cpu().numpy()
+            freq = self.freq[span].cpu().numpy()
             occupied = RESERVED_SLOTS + np.flatnonzero(ts.key_of_slot[RESERVED_SLOTS:] >= 0)
-            candidates = occupied[ts.last_access[occupied] != protect_tick]
-            victims = choose_victims(candidates, need, self.config.eviction, ts.last_access, ts.freq, self._rng)
+            candidates = occupied[last_access[occupied] != protect_tick]
+            victims = choose_victims(candidates, need, self.config.eviction, last_access, freq, self._rng)
             self._release(t, victims)
             self.stats_[t].evicted += len(victims)
         n = min(len(keys), ts.free.n_free)
@@ -216,8 +240,9 @@ class TBECacheGroup(EmbeddingCacheGroup):
         self.weights[t][slots_dev] = rows[:n].to(self.device)
         self.remap[torch.from_numpy(keys[:n] + self.key_base[t]).to(self.device)] = slots_dev.to(torch.int32)
         ts.key_of_slot[slots] = keys[:n]
-        ts.last_access[slots] = protect_tick
-        ts.freq[slots] = 1
+        gslots = slots_dev + ts.base
+        self.last_access[gslots] = protect_tick
+        self.freq[gslots] = 1
         self.stats_[t].inserted += n
         return n
 
@@ -330,6 +355,8 @@ class TBECacheGroup(EmbeddingCacheGroup):
 
     def table_stats(self, t: int) -> Dict[str, float]:
         d = self.stats_[t].as_dict()
+        ids, misses = int(self._ids[t]), int(self._misses[t])
+        d.update(ids=ids, misses=misses, hits=ids - misses, hit_rate=(ids - misses) / ids if ids else 0.0)
         d["capacity"] = self.capacities[t]
         d["cached_rows"] = self.slots[t].free.used
         return d
