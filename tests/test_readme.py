@@ -27,6 +27,6 @@ def test_readme_swap_in_example_runs(tmp_path, namespace):
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["scores"].shape == (2, 1)
     hps = scope["model"].sparse_arch.embedding_bag_collection
-    assert hps.stats()["t0"]["unique_ids"] == 2
+    assert hps.stats()["t0"]["ids"] == 2
     hps.close()
     scope["storage"].close()
