@@ -17,13 +17,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--json", default="results/bench_gpu.json")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of the first shape")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gpu: CUDA is not available here; run it on a GPU machine", file=sys.stderr)
         return 2
     from torchrec_hps.bench.gpu_bench import run_gpu_bench
 
-    results = run_gpu_bench(num_tables=args.tables, rows=args.rows, dim=args.dim, reps=args.reps)
+    results = run_gpu_bench(num_tables=args.tables, rows=args.rows, dim=args.dim, reps=args.reps, profile=args.profile)
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=2)

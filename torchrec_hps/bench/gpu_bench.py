@@ -29,7 +29,7 @@ def _time_ms(fn: Callable[[int], object], n_batches: int, reps: int) -> Tuple[fl
 
 def run_gpu_bench(num_tables: int = 8, rows: int = 1_000_000, dim: int = 128,
                   shapes: Sequence[Tuple[int, int]] = ((16384, 1), (16384, 32), (256, 1)), reps: int = 30,
-                  n_batches: int = 8, log: Callable[[str], None] = print) -> List[Dict]:
+                  n_batches: int = 8, profile: bool = False, log: Callable[[str], None] = print) -> List[Dict]:
     from fbgemm_gpu.split_embedding_configs import SparseType
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
     from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTableBatchedEmbeddingBagsCodegen
@@ -71,6 +71,13 @@ def run_gpu_bench(num_tables: int = 8, rows: int = 1_000_000, dim: int = 128,
              "fbgemm_p99_ms": ref_p99, "ours_mrows_s": n_rows / ours_ms / 1e3, "fbgemm_mrows_s": n_rows / ref_ms / 1e3,
              "ratio": ref_ms / ours_ms}
         results.append(r)
+        if profile and (batch, bag) == tuple(shapes[0]):
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                    torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for i in range(5):
+                    hps(kjts[i % n_batches])
+                torch.cuda.synchronize()
+            log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=50))
         log(f"B={batch:6d} L={bag:3d}  ours {ours_ms:.3f} ms ({r['ours_mrows_s']:.0f} Mrows/s, p99 {ours_p99:.3f})  "
             f"fbgemm DEVICE {ref_ms:.3f} ms ({r['fbgemm_mrows_s']:.0f} Mrows/s)  ours/fbgemm speed {r['ratio']:.2f}x")
     hps.close()
