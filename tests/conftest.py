@@ -12,6 +12,8 @@ import pytest
 
 import torchrec_hps  # noqa: F401  (loads fbgemm quietly before torchrec)
 from tests.servers import SERVERS, Servers, ServerError
+from torchrec_hps.config import MemoryTierConfig, RedisTierConfig, RocksDBTierConfig
+from torchrec_hps.storage import MemoryTier, RedisTier, RocksDBTier
 
 
 def pytest_collection_modifyitems(config, items):
@@ -64,3 +66,37 @@ def rocksdb_path(tmp_path: Path) -> Path:
 def namespace() -> str:
     """A model name unique to the test, so tests sharing a server never see each other's keys."""
     return f"test_{uuid.uuid4().hex[:10]}"
+
+
+TIER_KINDS = ["memory", "redis", "redis_cluster", "rocksdb"]
+
+
+def make_tier(kind: str, request, tmp_path, **overrides):
+    if kind == "memory":
+        return MemoryTier(MemoryTierConfig(**overrides))
+    if kind == "redis":
+        return RedisTier(RedisTierConfig(url=request.getfixturevalue("redis_url"), **overrides))
+    if kind == "redis_cluster":
+        return RedisTier(RedisTierConfig(cluster_nodes=request.getfixturevalue("cluster_nodes"), **overrides))
+    if kind == "rocksdb":
+        return RocksDBTier(RocksDBTierConfig(path=str(tmp_path / f"rocksdb-{len(list(tmp_path.iterdir()))}"), **overrides))
+    raise AssertionError(kind)
+
+
+@pytest.fixture
+def tier_factory(request, tmp_path):
+    made = []
+
+    def factory(kind: str, **overrides):
+        tier = make_tier(kind, request, tmp_path, **overrides)
+        made.append(tier)
+        return tier
+
+    yield factory
+    for tier in made:
+        if isinstance(tier, RedisTier):
+            for table in tier.tables():
+                tier.drop_table(table)
+        tier.close()
+
+

@@ -205,3 +205,30 @@ def _check_empty(rest: Dict[str, Any], where: str, allowed: List[str]) -> Dict[s
     if rest:
         raise ValueError(f"{where}: unknown keys {sorted(rest)}; allowed keys: {allowed}")
     return {}
+
+
+@dataclass
+class KafkaConfig:
+    """The update stream: one topic per model and table, `<topic_prefix>.<model>.<table>`."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic_prefix: str = KEY_PREFIX
+    max_message_bytes: int = 900_000  # under the broker's message.max.bytes (1 MB by default)
+    publish_every_steps: int = 1
+    publish_every_seconds: float = 0.0  # 0: steps alone decide
+    num_partitions: int = 4  # for topics this library creates
+    replication_factor: int = 1
+    group_id: Optional[str] = None  # consumer group; one per node for node-local tiers
+    poll_timeout: float = 0.2
+    retry_backoff: float = 0.5  # seconds before re-applying a batch whose tier write failed
+    producer: Dict[str, Any] = field(default_factory=dict)  # extra librdkafka settings
+    consumer: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.max_message_bytes < 1024:
+            raise ValueError(f"kafka.max_message_bytes={self.max_message_bytes} is too small (>= 1024)")
+        if self.publish_every_steps < 1:
+            raise ValueError("kafka.publish_every_steps must be >= 1")
+
+    def topic(self, model: str, table: str) -> str:
+        return f"{self.topic_prefix}.{model}.{table}"

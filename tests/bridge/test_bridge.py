@@ -1,0 +1,182 @@
+"""The update path against the real Kafka broker and real tiers."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+
+from torchrec_hps.config import CacheConfig, HPSConfig, KafkaConfig, MemoryTierConfig, TableSpec
+from torchrec_hps.modules import HPSEmbeddingBagCollection
+from torchrec_hps.storage import StorageHierarchy, bulk_load
+from torchrec_hps.train_bridge import DeltaPublisher, EBCDeltaPublisher, UpdateConsumer, encode
+
+TABLES = [EmbeddingBagConfig(name="t1", embedding_dim=8, num_embeddings=500, feature_names=["f1"]),
+          EmbeddingBagConfig(name="t2", embedding_dim=4, num_embeddings=100, feature_names=["f2"])]
+
+
+@pytest.fixture
+def kafka(kafka_bootstrap):
+    return KafkaConfig(bootstrap_servers=kafka_bootstrap, max_message_bytes=4096, poll_timeout=0.5,
+                       retry_backoff=0.2)
+
+
+def _hierarchy(tier_factory, namespace, bottom="rocksdb"):
+    h = StorageHierarchy([tier_factory("memory", capacity=200), tier_factory(bottom)])
+    h.add_tables([TableSpec(namespace, t.name, t.num_embeddings, t.embedding_dim) for t in TABLES])
+    return h
+
+
+def _drain(consumer, want_rows, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while consumer.stats["applied_rows"] < want_rows and time.monotonic() < deadline:
+        consumer.poll_once()
+    return consumer.stats["applied_rows"]
+
+
+def test_published_rows_reach_tiers_and_cache(kafka, tier_factory, namespace):
+    h = _hierarchy(tier_factory, namespace)
+    ref = EmbeddingBagCollection(tables=TABLES)
+    bulk_load(h.tiers[-1:], namespace, ref, progress=False)
+    hps = HPSEmbeddingBagCollection(TABLES, HPSConfig(namespace, CacheConfig(cache_ratio=1.0, hit_rate_threshold=1.0)),
+                                    storage=h)
+    hps.prefill("t1", torch.arange(500))
+    consumer = UpdateConsumer(kafka, namespace, h, ["t1", "t2"], modules=[hps], group_id=f"{namespace}-node0")
+    pub = DeltaPublisher(kafka, namespace, ["t1", "t2"])
+    ids = torch.arange(0, 500, 3)
+    new = torch.randn(len(ids), 8)
+    assert pub.publish("t1", ids, new) > 1  # 4 KiB messages: several per partition
+    pub.flush()
+    assert _drain(consumer, len(ids)) == len(ids)
+    got = h.get(f"{namespace}.t1", ids)
+    torch.testing.assert_close(got.rows, new, rtol=0, atol=0)
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f1", "f2"], values=torch.tensor([3, 1]),
+                                              lengths=torch.tensor([1, 1]))
+    torch.testing.assert_close(hps(kjt).to_dict()["f1"][0], new[1], rtol=0, atol=0)  # the cached row changed
+    assert consumer.lag() == 0
+    consumer.stop()
+    hps.close()
+
+
+def test_stopped_consumer_catches_up_from_committed_offsets(kafka, tier_factory, namespace):
+    h = _hierarchy(tier_factory, namespace)
+    group = f"{namespace}-node1"
+    pub = DeltaPublisher(kafka, namespace, ["t1", "t2"])
+    first = UpdateConsumer(kafka, namespace, h, ["t1", "t2"], group_id=group)
+    pub.publish("t2", torch.arange(10), torch.full((10, 4), 1.0))
+    pub.flush()
+    assert _drain(first, 10) == 10
+    first.stop()  # the node goes down; training goes on
+    truth = {}
+    for version in range(2, 12):
+        ids = torch.from_numpy(np.random.default_rng(version).choice(100, 20, replace=False))
+        pub.publish("t2", ids, torch.full((20, 4), float(version)))
+        truth.update({int(i): float(version) for i in ids})
+    pub.flush()
+    second = UpdateConsumer(kafka, namespace, h, ["t1", "t2"], group_id=group)
+    assert _drain(second, 200) == 200  # exactly the 10 x 20 rows published while it was down
+    keys = torch.tensor(sorted(truth))
+    got = h.get(f"{namespace}.t2", keys)
+    assert got.rows[:, 0].tolist() == [truth[int(k)] for k in keys]
+    second.stop()
+
+
+def test_corrupt_and_foreign_messages_are_skipped_and_counted(kafka, tier_factory, namespace):
+    from confluent_kafka import Producer
+
+    h = _hierarchy(tier_factory, namespace)
+    consumer = UpdateConsumer(kafka, namespace, h, ["t1", "t2"], group_id=f"{namespace}-node2")
+    good = encode(np.array([5]), np.full((1, 8), 9.0, np.float32))
+    bad = [b"not an update", good[:-1], good[:-5] + b"\x00" + good[-4:],
+           encode(np.array([5]), np.ones((1, 4), np.float32))]  # wrong dim for t1
+    raw = Producer({"bootstrap.servers": kafka.bootstrap_servers})
+    topic = kafka.topic(namespace, "t1")
+    for value in bad + [good]:
+        raw.produce(topic, value=value, partition=1)
+    raw.flush(30)
+    _drain(consumer, 1)
+    assert consumer.stats["rejected_messages"] == 4
+    assert h.get(f"{namespace}.t1", torch.tensor([5])).rows[0, 0] == 9.0
+    consumer.stop()
+
+
+@pytest.mark.slow
+def test_tier_down_during_apply_is_retried_without_committing(kafka, servers, tier_factory, namespace):
+    h = _hierarchy(tier_factory, namespace, bottom="redis")
+    consumer = UpdateConsumer(kafka, namespace, h, ["t1", "t2"], group_id=f"{namespace}-node3")
+    pub = DeltaPublisher(kafka, namespace, ["t1", "t2"])
+    servers.redis.kill()
+    try:
+        pub.publish("t2", torch.arange(30), torch.full((30, 4), 4.0))
+        pub.flush()
+        deadline = time.monotonic() + 30
+        while consumer.stats["apply_failures"] == 0 and time.monotonic() < deadline:
+            consumer.poll_once()
+        assert consumer.stats["apply_failures"] > 0 and consumer.stats["applied_rows"] == 0
+    finally:
+        servers.redis.start(fresh=False)
+    time.sleep(0.6)  # past the Redis tier's retry_interval
+    assert _drain(consumer, 30) == 30
+    assert h.get(f"{namespace}.t2", torch.arange(30)).rows.eq(4.0).all()
+    consumer.stop()
+
+
+@pytest.mark.slow
+def test_broker_restart_mid_stream_loses_nothing(kafka, servers, tier_factory, namespace):
+    h = _hierarchy(tier_factory, namespace)
+    consumer = UpdateConsumer(kafka, namespace, h, ["t1", "t2"], group_id=f"{namespace}-node4")
+    pub = DeltaPublisher(kafka, namespace, ["t1", "t2"])
+    pub.publish("t1", torch.arange(50), torch.full((50, 8), 1.0))
+    pub.flush()
+    assert _drain(consumer, 50) == 50
+    servers.kafka.restart()
+    pub.publish("t1", torch.arange(50, 120), torch.full((70, 8), 2.0))
+    pub.flush()
+    assert _drain(consumer, 120, timeout=120) == 120
+    got = h.get(f"{namespace}.t1", torch.arange(120))
+    assert got.found.all() and got.rows[50:, 0].eq(2.0).all()
+    consumer.stop()
+
+
+def test_training_to_inference_end_to_end(kafka, tier_factory, namespace):
+    """Train a small EBC model for K steps with the bridge on while an inference module serves lookups;
+    once the consumer catches up, inference equals the trainer on the same inputs."""
+    torch.manual_seed(0)
+    trainer = EmbeddingBagCollection(tables=TABLES)
+    h = _hierarchy(tier_factory, namespace)
+    bulk_load(h.tiers[-1:], namespace, trainer, progress=False)
+    hps = HPSEmbeddingBagCollection(TABLES, HPSConfig(namespace, CacheConfig(cache_ratio=0.2, min_cache_rows=1,
+                                                                             hit_rate_threshold=1.0)), storage=h)
+    consumer = UpdateConsumer(kafka, namespace, h, ["t1", "t2"], modules=[hps], group_id=f"{namespace}-node5").start()
+    bridge = EBCDeltaPublisher(trainer, DeltaPublisher(kafka, namespace, ["t1", "t2"]))
+    opt = torch.optim.SGD(trainer.parameters(), lr=0.5)
+    gen = torch.Generator().manual_seed(1)
+
+    def batch():
+        return KeyedJaggedTensor.from_lengths_sync(
+            keys=["f1", "f2"], values=torch.cat([torch.randint(0, 500, (24,), generator=gen),
+                                                 torch.randint(0, 100, (24,), generator=gen)]),
+            lengths=torch.full((16,), 3))
+
+    for _ in range(12):
+        kjt = batch()
+        loss = trainer(kjt).values().pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bridge.record(kjt)
+        bridge.step_done()
+        with torch.no_grad():
+            hps(batch())  # serving goes on the whole time
+    deadline = time.monotonic() + 60
+    while consumer.stats["applied_rows"] < bridge.publisher.stats["rows"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert consumer.stats["applied_rows"] == bridge.publisher.stats["rows"] > 0
+    probe = KeyedJaggedTensor.from_lengths_sync(keys=["f1", "f2"], values=torch.cat([torch.arange(500), torch.arange(100)]),
+                                                lengths=torch.tensor([1] * 500 + [0] * 100 + [1] * 100 + [0] * 500))
+    with torch.no_grad():
+        torch.testing.assert_close(hps(probe).values(), trainer(probe).values(), rtol=0, atol=0)
+    consumer.stop()
+    hps.close()

@@ -1,0 +1,146 @@
+"""Inference side: apply published rows to the storage hierarchy and to every HPSEmbeddingBagCollection
+cache that holds them, then commit offsets (at-least-once; applying a row twice is harmless).
+
+Per poll: decode each message (malformed or foreign ones are skipped, counted and logged with
+topic/partition/offset), apply each table's rows in one hierarchy put and one cache update, commit the
+next offsets. If applying fails (a tier down), nothing is committed: the partitions are rewound to the
+first unapplied message and the batch is tried again after `retry_backoff`.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from torchrec_hps.config import KafkaConfig
+from torchrec_hps.storage.hierarchy import StorageHierarchy
+from torchrec_hps.train_bridge.wire import WireFormatError, decode
+
+logger = logging.getLogger(__name__)
+
+
+class UpdateConsumer:
+    def __init__(self, config: KafkaConfig, model: str, storage: StorageHierarchy, tables: Sequence[str],
+                 modules: Sequence = (), group_id: Optional[str] = None) -> None:
+        from confluent_kafka import Consumer
+
+        from torchrec_hps.train_bridge.producer import ensure_topics
+
+        self.config = config
+        self.model = model
+        self.storage = storage
+        self.modules = list(modules)
+        self._table_of_topic = {config.topic(model, t): t for t in tables}
+        self._dims = {t: storage.spec(f"{model}.{t}").dim for t in tables}
+        ensure_topics(config, list(self._table_of_topic))
+        group = group_id or config.group_id or f"hps-{model}"
+        self._consumer = Consumer({
+            "bootstrap.servers": config.bootstrap_servers, "group.id": group, "enable.auto.commit": False,
+            "auto.offset.reset": "earliest", "enable.partition.eof": False, **config.consumer})
+        self._consumer.subscribe(list(self._table_of_topic))
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+        self.stats = {"applied_messages": 0, "applied_rows": 0, "rejected_messages": 0, "apply_failures": 0,
+                      "last_applied_time": 0.0}
+
+    # ---- one poll ----
+    def poll_once(self, max_messages: int = 500, timeout: Optional[float] = None) -> int:
+        """Consume up to `max_messages`, apply them, commit; returns the number of messages applied."""
+        msgs = self._consumer.consume(max_messages, self.config.poll_timeout if timeout is None else timeout)
+        if not msgs:
+            return 0
+        per_table: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
+        first_offset: Dict[Tuple[str, int], int] = {}
+        next_offset: Dict[Tuple[str, int], int] = {}
+        applied = 0
+        for msg in msgs:
+            if msg.error() is not None:
+                logger.warning("kafka: %s", msg.error())
+                continue
+            tp = (msg.topic(), msg.partition())
+            first_offset.setdefault(tp, msg.offset())
+            next_offset[tp] = msg.offset() + 1
+            table = self._table_of_topic.get(msg.topic())
+            try:
+                if table is None:
+                    raise WireFormatError("topic not subscribed by this consumer")
+                per_table.setdefault(table, []).append(decode(msg.value(), expected_dim=self._dims[table]))
+                applied += 1
+            except WireFormatError as e:
+                self.stats["rejected_messages"] += 1
+                logger.warning("skipping update %s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), e)
+        try:
+            rows = self._apply(per_table)
+        except Exception as e:  # a tier is down: rewind, commit nothing, try again later
+            self.stats["apply_failures"] += 1
+            logger.warning("applying %d update messages failed (%s); retrying in %.1fs", applied, e,
+                           self.config.retry_backoff)
+            from confluent_kafka import TopicPartition
+
+            for (topic, partition), offset in first_offset.items():
+                self._consumer.seek(TopicPartition(topic, partition, offset))
+            time.sleep(self.config.retry_backoff)
+            return 0
+        if next_offset:
+            from confluent_kafka import TopicPartition
+
+            self._consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in next_offset.items()],
+                                  asynchronous=False)
+        self.stats["applied_messages"] += applied
+        self.stats["applied_rows"] += rows
+        self.stats["last_applied_time"] = time.time()
+        return applied
+
+    def _apply(self, per_table: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]]) -> int:
+        rows_applied = 0
+        for table, parts in per_table.items():
+            ids = torch.cat([p[0] for p in parts])
+            rows = torch.cat([p[1] for p in parts])
+            if len(ids) == 0:
+                continue
+            self.storage.put(f"{self.model}.{table}", ids, rows)  # repeated ids: the last (newest) row wins
+            for module in self.modules:
+                if table in {c.name for c in module.embedding_bag_configs()}:
+                    module.update(table, ids, rows)
+            rows_applied += len(ids)
+        return rows_applied
+
+    # ---- background loop ----
+    def start(self) -> "UpdateConsumer":
+        self._thread = threading.Thread(target=self._run, name=f"hps-consumer-{self.model}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with self._lock:
+                    self.poll_once()
+            except Exception:
+                logger.exception("update consumer loop")
+                time.sleep(self.config.retry_backoff)
+
+    def lag(self) -> int:
+        """Messages published but not yet applied, over the assigned partitions."""
+        from confluent_kafka import TopicPartition
+
+        total = 0
+        with self._lock:
+            assignment = self._consumer.assignment()
+            if not assignment:
+                return 0
+            committed = self._consumer.committed(assignment, timeout=10)
+            for tp in committed:
+                _, high = self._consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)
+                total += high - max(tp.offset, 0)
+        return total
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._consumer.close()
