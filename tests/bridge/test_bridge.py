@@ -180,3 +180,24 @@ def test_training_to_inference_end_to_end(kafka, tier_factory, namespace):
         torch.testing.assert_close(hps(probe).values(), trainer(probe).values(), rtol=0, atol=0)
     consumer.stop()
     hps.close()
+
+
+def test_new_node_starts_from_the_snapshot_offsets(kafka, tier_factory, namespace):
+    from torchrec_hps.train_bridge import snapshot_offsets
+
+    pub = DeltaPublisher(kafka, namespace, ["t1", "t2"])
+    pub.publish("t2", torch.arange(40), torch.full((40, 4), 1.0))  # already inside the snapshot
+    pub.flush()
+    offsets = snapshot_offsets(kafka, namespace, ["t1", "t2"])  # taken with the snapshot
+    h = _hierarchy(tier_factory, namespace)
+    h.put(f"{namespace}.t2", torch.arange(40), torch.full((40, 4), 1.0))  # the snapshot itself
+    pub.publish("t2", torch.arange(10, 25), torch.full((15, 4), 2.0))  # between snapshot and subscription
+    pub.flush()
+    consumer = UpdateConsumer(kafka, namespace, h, ["t1", "t2"], group_id=f"{namespace}-new", start_offsets=offsets)
+    assert _drain(consumer, 15) == 15
+    for _ in range(3):
+        consumer.poll_once(timeout=0.3)
+    assert consumer.stats["applied_rows"] == 15  # nothing before the snapshot replayed, nothing after it lost
+    rows = h.get(f"{namespace}.t2", torch.arange(40)).rows[:, 0]
+    assert rows[10:25].eq(2.0).all() and rows[:10].eq(1.0).all() and rows[25:].eq(1.0).all()
+    consumer.stop()

@@ -24,7 +24,11 @@ logger = logging.getLogger(__name__)
 
 class UpdateConsumer:
     def __init__(self, config: KafkaConfig, model: str, storage: StorageHierarchy, tables: Sequence[str],
-                 modules: Sequence = (), group_id: Optional[str] = None) -> None:
+                 modules: Sequence = (), group_id: Optional[str] = None,
+                 start_offsets: Optional[Dict[Tuple[str, int], int]] = None) -> None:
+        """`start_offsets` ({(topic, partition): offset}, from `snapshot_offsets` at bulk-load time) is where
+        a group with no committed offsets starts, so a node restored from a snapshot misses nothing
+        published after it."""
         from confluent_kafka import Consumer
 
         from torchrec_hps.train_bridge.producer import ensure_topics
@@ -40,19 +44,32 @@ class UpdateConsumer:
         self._consumer = Consumer({
             "bootstrap.servers": config.bootstrap_servers, "group.id": group, "enable.auto.commit": False,
             "auto.offset.reset": "earliest", "enable.partition.eof": False, **config.consumer})
-        self._consumer.subscribe(list(self._table_of_topic))
+        self._start_offsets = dict(start_offsets or {})
+        self._consumer.subscribe(list(self._table_of_topic), on_assign=self._on_assign)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self.stats = {"applied_messages": 0, "applied_rows": 0, "rejected_messages": 0, "apply_failures": 0,
                       "last_applied_time": 0.0}
 
+    def _on_assign(self, consumer, partitions) -> None:
+        if self._start_offsets:
+            committed = {(tp.topic, tp.partition): tp.offset for tp in consumer.committed(partitions, timeout=10)}
+            for tp in partitions:
+                key = (tp.topic, tp.partition)
+                if committed.get(key, -1) < 0 and key in self._start_offsets:
+                    tp.offset = self._start_offsets[key]
+        consumer.assign(partitions)
+
     # ---- one poll ----
     def poll_once(self, max_messages: int = 500, timeout: Optional[float] = None) -> int:
         """Consume up to `max_messages`, apply them, commit; returns the number of messages applied."""
-        msgs = self._consumer.consume(max_messages, self.config.poll_timeout if timeout is None else timeout)
-        if not msgs:
+        # wait for the first message only, then take what is already there: low latency on a trickle,
+        # big batches under load
+        first = self._consumer.poll(self.config.poll_timeout if timeout is None else timeout)
+        if first is None:
             return 0
+        msgs = [first] + (self._consumer.consume(max_messages - 1, 0) if max_messages > 1 else [])
         per_table: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
         first_offset: Dict[Tuple[str, int], int] = {}
         next_offset: Dict[Tuple[str, int], int] = {}

@@ -52,6 +52,23 @@ def ensure_topics(config: KafkaConfig, topics: Sequence[str], timeout: float = 3
     return counts
 
 
+def snapshot_offsets(config: KafkaConfig, model: str, tables: Sequence[str], timeout: float = 30.0
+                     ) -> Dict[Tuple[str, int], int]:
+    """The end offset of every partition of the model's update topics: record it when a snapshot (bulk
+    load) is taken, and start new nodes there (UpdateConsumer(start_offsets=...))."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    topics = [config.topic(model, t) for t in tables]
+    counts = ensure_topics(config, topics, timeout)
+    probe = Consumer({"bootstrap.servers": config.bootstrap_servers, "group.id": f"hps-offsets-{model}",
+                      "enable.auto.commit": False})
+    try:
+        return {(t, p): probe.get_watermark_offsets(TopicPartition(t, p), timeout=timeout)[1]
+                for t in topics for p in range(counts[t])}
+    finally:
+        probe.close()
+
+
 class DeltaPublisher:
     """Publishes (ids, rows) per table of one model."""
 
