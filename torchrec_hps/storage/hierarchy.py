@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from torchrec_hps.config import StorageConfig, TableSpec
-from torchrec_hps.storage.interface import StorageTier, TierError, TierWriteError, as_key_array, as_row_array
+from torchrec_hps.storage.interface import (StorageTier, TierError, TierWriteError, as_key_array, as_row_array,
+                                            last_occurrence)
 
 logger = logging.getLogger(__name__)
 
@@ -188,10 +189,14 @@ class StorageHierarchy:
         as_row_array(rows, len(k), spec)  # all input checks before any tier is touched
         if len(k) == 0:
             return
+        if len(np.unique(k)) != len(k):  # dedupe once (last row wins) for every tier
+            idx = last_occurrence(k)
+            k = k[idx]
+            keys, rows = torch.from_numpy(k), rows[torch.from_numpy(idx)]
         with self._locks[table]:
             self._generation[table] += 1
             bottom = len(self.tiers) - 1
-            self.tiers[bottom].put(table, keys, rows)  # raises: nothing written above
+            self.tiers[bottom].put(table, keys, rows, unique=True)  # raises: nothing written above
             self._clear_pending(bottom, table, k)
             for u in range(bottom - 1, -1, -1):
                 self._write_upper(u, table, k, rows)
@@ -215,7 +220,7 @@ class StorageHierarchy:
         """Put into a tier above the bottom; on failure make sure it serves no stale rows for these keys."""
         tier = self.tiers[u]
         try:
-            tier.put(table, torch.from_numpy(k), rows)
+            tier.put(table, torch.from_numpy(k), rows, unique=True)
         except TierWriteError as e:
             with self._stats_lock:
                 self._stats[table].write_errors += len(e.keys)

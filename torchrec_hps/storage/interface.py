@@ -172,14 +172,15 @@ class StorageTier(abc.ABC):
             s.get_seconds += dt
         return torch.from_numpy(rows), torch.from_numpy(found)
 
-    def put(self, table: str, keys: torch.Tensor, rows: torch.Tensor) -> None:
-        """Insert or overwrite rows; with repeated keys the last row wins. Raises TierWriteError on failure."""
+    def put(self, table: str, keys: torch.Tensor, rows: torch.Tensor, unique: bool = False) -> None:
+        """Insert or overwrite rows; with repeated keys the last row wins (`unique=True`: the caller
+        guarantees there are none, which saves a sort). Raises TierWriteError on failure."""
         spec = self.spec(table)
         k = as_key_array(keys, spec)
         r = as_row_array(rows, len(k), spec)
         if len(k) == 0:
             return
-        if len(np.unique(k)) != len(k):
+        if not unique and len(np.unique(k)) != len(k):
             idx = last_occurrence(k)
             k, r = k[idx], r[idx]
         t0 = time.perf_counter()

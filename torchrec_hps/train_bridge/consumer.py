@@ -43,7 +43,9 @@ class UpdateConsumer:
         group = group_id or config.group_id or f"hps-{model}"
         self._consumer = Consumer({
             "bootstrap.servers": config.bootstrap_servers, "group.id": group, "enable.auto.commit": False,
-            "auto.offset.reset": "earliest", "enable.partition.eof": False, **config.consumer})
+            "auto.offset.reset": "earliest", "enable.partition.eof": False,
+            # bigger fetches (fewer round trips when catching up), short broker waits (low latency on a trickle)
+            "max.partition.fetch.bytes": 8 * 1024 * 1024, "fetch.wait.max.ms": 10, **config.consumer})
         self._start_offsets = dict(start_offsets or {})
         self._consumer.subscribe(list(self._table_of_topic), on_assign=self._on_assign)
         self._stop = threading.Event()
