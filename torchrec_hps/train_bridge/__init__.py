@@ -3,7 +3,8 @@
 from torchrec_hps.train_bridge.consumer import UpdateConsumer
 from torchrec_hps.train_bridge.producer import (DeltaPublisher, EBCDeltaPublisher, PublishError, ensure_topics,
                                                 snapshot_offsets)
+from torchrec_hps.train_bridge.tracker import TrackerDeltaPublisher
 from torchrec_hps.train_bridge.wire import WireFormatError, decode, encode, encode_chunks
 
-__all__ = ["DeltaPublisher", "EBCDeltaPublisher", "PublishError", "UpdateConsumer", "WireFormatError", "decode",
+__all__ = ["DeltaPublisher", "EBCDeltaPublisher", "PublishError", "TrackerDeltaPublisher", "UpdateConsumer", "WireFormatError", "decode",
            "encode", "encode_chunks", "ensure_topics", "snapshot_offsets"]
