@@ -74,4 +74,8 @@ def test_tracked_rows_of_a_dmp_step_reach_the_tiers(dmp, kafka_bootstrap, tier_f
         torch.testing.assert_close(got.rows, want, rtol=0, atol=0)
     assert not h.get(f"{namespace}.t1", torch.tensor([0, 4])).found.any()  # untouched rows were not sent
     assert bridge.publish_step() == 0  # nothing changed since
+    bridge.publisher.config.publish_every_steps = 2
+    for step in range(1, 5):
+        dmp(kjt).backward()
+        assert bridge.step_done() == (step % 2 == 0)
     consumer.stop()

@@ -4,7 +4,8 @@ values are read from this rank's shards after the optimizer step. The tracker re
 shard's row offset turns them into global ids (row-wise sharding), so every rank publishes its own rows."""
 from __future__ import annotations
 
-from typing import Dict, Tuple
+import time
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -27,15 +28,30 @@ def _local_shard(weight) -> Tuple[torch.Tensor, int]:
 class TrackerDeltaPublisher:
     """Publishes, per step (call after optimizer.step()), the rows the DMP's delta tracker saw changed."""
 
-    def __init__(self, dmp, publisher: DeltaPublisher, consumer: str = None) -> None:
+    def __init__(self, dmp, publisher: DeltaPublisher, consumer: Optional[str] = None) -> None:
         self.dmp = dmp
         self.publisher = publisher
         self.consumer = consumer
+        self._steps = 0
+        self._last_publish = time.monotonic()
         tracker = dmp.get_delta_tracker()
         if tracker is None:
             raise ValueError("the model has no delta tracker: call dmp.init_torchrec_delta_tracker("
                              "DeltaTrackerConfig(tracking_mode=TrackingMode.ID_ONLY)) first")
         self.tracker = tracker
+
+    def step_done(self) -> bool:
+        """Call after each optimizer step: publishes every `publish_every_steps` steps or
+        `publish_every_seconds` (the publisher's KafkaConfig); returns True when it published."""
+        cfg = self.publisher.config
+        self._steps += 1
+        due = self._steps % cfg.publish_every_steps == 0
+        if cfg.publish_every_seconds > 0:
+            due = due or time.monotonic() - self._last_publish >= cfg.publish_every_seconds
+        if due:
+            self.publish_step()
+            self._last_publish = time.monotonic()
+        return due
 
     def _weights(self) -> Dict[str, object]:
         return self.dmp.state_dict()
