@@ -6,6 +6,26 @@ import sys
 from typing import List, Optional
 
 
+class CLIError(Exception):
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+def _config(args: argparse.Namespace):
+    from torchrec_hps.config_file import load_config
+
+    if not args.config:
+        raise CLIError("no --config given", "pass a YAML/JSON config or a HugeCTR ps.json")
+    try:
+        cfg = load_config(args.config, model=getattr(args, "model", None))
+    except ValueError as e:
+        raise CLIError(str(e), "see README.md, section Config") from None
+    for line in cfg.report:
+        print(f"note: {line}", file=sys.stderr)
+    return cfg
+
+
 def _demo(args: argparse.Namespace) -> int:
     import torchrec_hps
     from torchrec_hps.demo import run_demo
@@ -15,23 +35,90 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if result["ok"] else 1
 
 
+def _load(args: argparse.Namespace) -> int:
+    from torchrec_hps.loader import load_checkpoint
+    from torchrec_hps.storage import TierError
+
+    cfg = _config(args)
+    try:
+        loaded = load_checkpoint(args.checkpoint, cfg.hps, chunk_rows=args.chunk_rows, resume=not args.restart,
+                                 progress=not args.quiet)
+    except ValueError as e:
+        raise CLIError(str(e), "a TorchRec checkpoint holds `...embedding_bags.<table>.weight` entries") from None
+    except TierError as e:
+        raise CLIError(str(e), "check the tiers in the config are reachable") from None
+    for table, rows in loaded.items():
+        print(f"{cfg.hps.model}.{table}: {rows:,} rows")
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from torchrec_hps.metrics import scrape
+
+    try:
+        lines = scrape(args.url)
+    except OSError as e:
+        raise CLIError(f"cannot read {args.url}: {e}", "start the node with a metrics port") from None
+    print("\n".join(lines) if lines else "no hps_ metrics at that address")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.which == "storage":
+        from apps import bench_storage as mod
+    elif args.which == "update":
+        from apps import bench_update as mod
+    else:
+        from apps import bench_gpu as mod
+    return mod.main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="torchrec-hps", description="Hierarchical parameter server for TorchRec.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the embedded demo (no server needed)",
+    demo = sub.add_parser("demo", help="run the embedded demo (no server needed)", formatter_class=fmt,
                           description="Swap a small DLRM onto the parameter server (memory + local RocksDB), serve "
                                       "Zipf ids through a small cache, print hit rates and check equality.",
-                          epilog="example: torchrec-hps demo --batches 20 --cache-ratio 0.01")
+                          epilog="example:\n  torchrec-hps demo --batches 20 --cache-ratio 0.01")
     demo.add_argument("--batches", type=int, default=40)
     demo.add_argument("--batch-size", type=int, default=512)
     demo.add_argument("--cache-ratio", type=float, default=0.05, help="share of each table the cache holds")
     demo.set_defaults(func=_demo)
+    load = sub.add_parser("load", help="load a TorchRec checkpoint into the tiers", formatter_class=fmt,
+                          description="Write every embedding table of a checkpoint (state dict or saved module) "
+                                      "into the tiers that keep full copies, in chunks; resumable.",
+                          epilog="examples:\n  torchrec-hps load --config hps.yaml --checkpoint model.pt\n"
+                                 "  torchrec-hps load --config ps.json --model dcn --checkpoint dcn.pt --restart")
+    load.add_argument("--config", required=True, help="our YAML/JSON config or a HugeCTR ps.json")
+    load.add_argument("--model", help="which model of a ps.json")
+    load.add_argument("--checkpoint", required=True)
+    load.add_argument("--chunk-rows", type=int, default=65536, help="rows per write (bounds memory)")
+    load.add_argument("--restart", action="store_true", help="ignore the progress of an earlier, stopped load")
+    load.add_argument("--quiet", action="store_true", help="no progress bar")
+    load.set_defaults(func=_load)
+    stats = sub.add_parser("stats", help="print a running node's per-table, per-tier stats", formatter_class=fmt,
+                           epilog="example:\n  torchrec-hps stats --url http://node7:9400/metrics")
+    stats.add_argument("--url", required=True, help="the node's Prometheus /metrics address")
+    stats.set_defaults(func=_stats)
+    bench = sub.add_parser("bench", help="run a benchmark (storage, update, gpu)", formatter_class=fmt,
+                           epilog="examples:\n  torchrec-hps bench storage -- --rows 200000\n"
+                                  "  torchrec-hps bench gpu -- --rows 1000000")
+    bench.add_argument("which", choices=["storage", "update", "gpu"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark (after --)")
+    bench.set_defaults(func=_bench)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    if getattr(args, "rest", None) and args.rest[:1] == ["--"]:
+        args.rest = args.rest[1:]
+    try:
+        return args.func(args)
+    except CLIError as e:
+        print(f"torchrec-hps {args.command}: error: {e}" + (f" (hint: {e.hint})" if e.hint else ""), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -21,3 +21,74 @@ def test_cli_errors_are_one_line_with_exit_code(capsys):
         cli.main(["nope"])
     assert e.value.code != 0
     assert "invalid choice" in capsys.readouterr().err
+
+
+def _ebc_checkpoint(tmp_path):
+    import torch
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+
+    ebc = EmbeddingBagCollection(tables=[
+        EmbeddingBagConfig(name="t1", embedding_dim=4, num_embeddings=1000, feature_names=["f1"])])
+    model = torch.nn.Module()
+    model.sparse = ebc
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    return ebc, path
+
+
+def _config_file(tmp_path, model="cli_model"):
+    path = tmp_path / "hps.yaml"
+    path.write_text(f"model: {model}\nstorage:\n  memory: {{capacity: 100}}\n  rocksdb: {{path: {tmp_path}/db}}\n")
+    return path
+
+
+def _rocks_rows(tmp_path, model, table, n):
+    import torch
+
+    from torchrec_hps.config import RocksDBTierConfig, TableSpec
+    from torchrec_hps.storage import RocksDBTier
+
+    tier = RocksDBTier(RocksDBTierConfig(path=str(tmp_path / "db")))
+    tier.add_table(TableSpec(model, table, n, 4))
+    rows, found = tier.get(f"{model}.{table}", torch.arange(n))
+    tier.close()
+    return rows, found
+
+
+def test_cli_load_checkpoint_and_resume(tmp_path, capsys):
+    import torch
+
+    ebc, ckpt = _ebc_checkpoint(tmp_path)
+    cfg = _config_file(tmp_path)
+    assert cli.main(["load", "--config", str(cfg), "--checkpoint", str(ckpt), "--quiet", "--chunk-rows", "300"]) == 0
+    assert "cli_model.t1: 1,000 rows" in capsys.readouterr().out
+    rows, found = _rocks_rows(tmp_path, "cli_model", "t1", 1000)
+    assert found.all() and torch.equal(rows, ebc.embedding_bags["t1"].weight.detach())
+    # a load that stopped after 600 rows resumes there
+    (tmp_path / f"model.pt.other.load-progress.json").write_text('{"t1": 600}')
+    cfg2 = _config_file(tmp_path, model="other")
+    assert cli.main(["load", "--config", str(cfg2), "--checkpoint", str(ckpt), "--quiet"]) == 0
+    rows, found = _rocks_rows(tmp_path, "other", "t1", 1000)
+    assert not found[:600].any() and found[600:].all()
+    assert not (tmp_path / "model.pt.other.load-progress.json").exists()
+
+
+def test_cli_errors_name_the_problem_with_a_hint(tmp_path, capsys):
+    cfg = _config_file(tmp_path)
+    assert cli.main(["load", "--config", str(cfg), "--checkpoint", str(tmp_path / "nope.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error: no checkpoint at" in err[0] and "hint:" in err[0]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: m\ncache: {eviction: fifo}\n")
+    assert cli.main(["load", "--config", str(bad), "--checkpoint", "x"]) == 2
+    assert "cache.eviction='fifo' is not allowed" in capsys.readouterr().err
+    assert cli.main(["stats", "--url", "http://127.0.0.1:1/metrics"]) == 2
+    assert "cannot read http://127.0.0.1:1/metrics" in capsys.readouterr().err
+
+
+def test_every_subcommand_has_help_with_an_example(capsys):
+    for cmd in ("demo", "load", "stats", "bench"):
+        with pytest.raises(SystemExit) as e:
+            cli.main([cmd, "--help"])
+        assert e.value.code == 0
+        assert "example" in capsys.readouterr().out

@@ -3,7 +3,7 @@ in chunks (memory bounded by `chunk_rows`, whatever the table size), with a tqdm
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -44,10 +44,12 @@ def bulk_load(
     tables: Optional[Sequence[str]] = None,
     start_rows: Optional[Mapping[str, int]] = None,
     progress: bool = True,
+    on_chunk: Optional[Callable[[str, int], None]] = None,
 ) -> List[TableSpec]:
     """Write every table of `source` under namespace `model`. `target` is a hierarchy (write-through,
     bottom-up) or one or more tiers (e.g. only the tiers that keep full copies). `start_rows` resumes a
-    load that stopped part-way ({table: first row to write}). Returns the table specs it registered."""
+    load that stopped part-way ({table: first row to write}); `on_chunk(table, rows_done)` is called after
+    each chunk is written everywhere (to record progress). Returns the table specs it registered."""
     from tqdm import tqdm
 
     if chunk_rows <= 0:
@@ -74,4 +76,6 @@ def bulk_load(
                 for sink in sinks:
                     sink.put(spec.key, keys, rows)
                 bar.update(hi - lo)
+                if on_chunk is not None:
+                    on_chunk(spec.name, hi)
     return specs
