@@ -64,7 +64,9 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    if args.which == "storage":
+    if args.which == "module":
+        from apps import bench_module as mod
+    elif args.which == "storage":
         from apps import bench_storage as mod
     elif args.which == "update":
         from apps import bench_update as mod
@@ -101,10 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog="example:\n  torchrec-hps stats --url http://node7:9400/metrics")
     stats.add_argument("--url", required=True, help="the node's Prometheus /metrics address")
     stats.set_defaults(func=_stats)
-    bench = sub.add_parser("bench", help="run a benchmark (storage, update, gpu)", formatter_class=fmt,
-                           epilog="examples:\n  torchrec-hps bench storage -- --rows 200000\n"
+    bench = sub.add_parser("bench", help="run a benchmark (module, storage, update, gpu)", formatter_class=fmt,
+                           epilog="examples:\n  torchrec-hps bench module -- --png results/module.png\n"
+                                  "  torchrec-hps bench storage -- --rows 200000\n"
                                   "  torchrec-hps bench gpu -- --rows 1000000")
-    bench.add_argument("which", choices=["storage", "update", "gpu"])
+    bench.add_argument("which", choices=["module", "storage", "update", "gpu"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark (after --)")
     bench.set_defaults(func=_bench)
     return parser

@@ -29,3 +29,17 @@ def test_bench_storage_cli_writes_json(servers, tmp_path, capsys):
     assert {r["tier"] for r in data["results"]} == {"memory", "redis", "redis_cluster", "rocksdb"}
     assert all(r["ours_rows_per_s"] > 0 and r["naive_rows_per_s"] > 0 for r in data["results"])
     assert "| rocksdb | 256 |" in capsys.readouterr().out
+
+
+def test_module_bench_writes_json_and_png(tmp_path):
+    from apps import bench_module
+
+    rc = bench_module.main(["--tables", "2", "--rows", "2000", "--dim", "8", "--batches", "16", "64",
+                            "--ratios", "0.05", "0.5", "--json", str(tmp_path / "m.json"), "--png", str(tmp_path / "m.png")])
+    assert rc == 0
+    data = json.loads((tmp_path / "m.json").read_text())
+    assert len(data) == 4 and all(0.0 <= r["hit_rate"] <= 1.0 and r["p99_ms"] >= r["p50_ms"] > 0 for r in data)
+    big = [r["hit_rate"] for r in data if r["cache_ratio"] == 0.5]
+    small = [r["hit_rate"] for r in data if r["cache_ratio"] == 0.05]
+    assert min(big) > max(small)  # a bigger cache hits more on Zipf ids
+    assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

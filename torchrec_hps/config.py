@@ -134,12 +134,14 @@ class CacheConfig:
     min_cache_rows: int = 1024  # small tables are cached whole up to this many rows, whatever the ratio
     hit_rate_threshold: float = 0.9  # below it a lookup waits for missing rows; at or above, default now
     eviction: str = "lru"
+    eviction_batch: float = 0.01  # when full, evict at least this share of the slots at once (amortizes the scan)
     default_value: float = 0.0  # the default vector's value, for keys found in no tier (and async misses)
     unknown_keys: str = "error"  # ids outside [0, num_embeddings): "error" or "default" (vector + counter)
 
     def __post_init__(self) -> None:
         _check_range("cache", "cache_ratio", self.cache_ratio, 0.0, 1.0)
         _check_range("cache", "hit_rate_threshold", self.hit_rate_threshold, 0.0, 1.0)
+        _check_range("cache", "eviction_batch", self.eviction_batch, 0.0, 0.5)
         _check_choice("cache", "eviction", self.eviction, EVICTION_POLICIES)
         _check_choice("cache", "unknown_keys", self.unknown_keys, UNKNOWN_KEY_POLICIES)
         if self.min_cache_rows < 0:

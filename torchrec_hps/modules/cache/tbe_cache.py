@@ -229,7 +229,9 @@ class TBECacheGroup(EmbeddingCacheGroup):
             freq = self.freq[span].cpu().numpy()
             occupied = RESERVED_SLOTS + np.flatnonzero(ts.key_of_slot[RESERVED_SLOTS:] >= 0)
             candidates = occupied[last_access[occupied] != protect_tick]
-            victims = choose_victims(candidates, need, self.config.eviction, last_access, freq, self._rng)
+            # evict a batch at once: one O(slots) selection every many lookups instead of every lookup
+            n_evict = max(need, int(np.ceil(self.config.eviction_batch * self.capacities[t])))
+            victims = choose_victims(candidates, n_evict, self.config.eviction, last_access, freq, self._rng)
             self._release(t, victims)
             self.stats_[t].evicted += len(victims)
         n = min(len(keys), ts.free.n_free)
