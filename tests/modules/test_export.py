@@ -9,10 +9,7 @@ import textwrap
 import torch
 import torchrec
 
-from torchrec_hps.config import CacheConfig, HPSConfig, MemoryTierConfig, RocksDBTierConfig, StorageConfig
-from torchrec_hps.modules.swap import swap_in_hps
-from tests.modules.conftest import random_kjt
-from tests.modules.test_swap import DLRM_TABLES, small_dlrm
+from tests.modules.test_swap import swapped_dlrm
 
 LOADER = textwrap.dedent("""
     import sys, torch
@@ -33,15 +30,7 @@ LOADER = textwrap.dedent("""
 
 
 def _swapped(tmp_path, namespace):
-    model = small_dlrm()
-    gen = torch.Generator().manual_seed(7)
-    batches = [(torch.randn(4, 5, generator=gen), random_kjt(DLRM_TABLES, 4, gen=gen)) for _ in range(3)]
-    with torch.no_grad():
-        expected = [model(d, s) for d, s in batches]
-    cfg = HPSConfig(model=namespace, cache=CacheConfig(min_cache_rows=1, cache_ratio=0.1, hit_rate_threshold=1.0),
-                    storage=StorageConfig(memory=MemoryTierConfig(capacity=50),
-                                          rocksdb=RocksDBTierConfig(path=str(tmp_path / "db"))))
-    model, storage = swap_in_hps(model, cfg)
+    model, storage, batches, expected = swapped_dlrm(tmp_path, namespace, n_batches=3, batch=4, seed=7, cache_ratio=0.1)
     data = [(d, s.keys(), s.values(), s.lengths(), e) for (d, s), e in zip(batches, expected)]
     torch.save(data, tmp_path / "data.pt")
     return model, storage, batches, expected

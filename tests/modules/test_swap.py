@@ -21,16 +21,24 @@ def small_dlrm() -> DLRM:
                 dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1]).eval()
 
 
-def test_swapped_dlrm_outputs_equal_the_original(tmp_path, namespace):
+def swapped_dlrm(tmp_path, namespace, n_batches: int, batch: int, seed: int, cache_ratio: float):
+    """A small DLRM, its outputs on random batches, then the same model swapped onto memory + RocksDB."""
     model = small_dlrm()
-    gen = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(6, 5, generator=gen), random_kjt(DLRM_TABLES, 6, gen=gen)) for _ in range(5)]
+    gen = torch.Generator().manual_seed(seed)
+    batches = [(torch.randn(batch, 5, generator=gen), random_kjt(DLRM_TABLES, batch, gen=gen))
+               for _ in range(n_batches)]
     with torch.no_grad():
         expected = [model(d, s) for d, s in batches]
-    cfg = HPSConfig(model=namespace, cache=CacheConfig(min_cache_rows=1, cache_ratio=0.05, hit_rate_threshold=1.0),
+    cfg = HPSConfig(model=namespace, cache=CacheConfig(min_cache_rows=1, cache_ratio=cache_ratio, hit_rate_threshold=1.0),
                     storage=StorageConfig(memory=MemoryTierConfig(capacity=100),
                                           rocksdb=RocksDBTierConfig(path=str(tmp_path / "db"))))
     model, storage = swap_in_hps(model, cfg)
+    return model, storage, batches, expected
+
+
+def test_swapped_dlrm_outputs_equal_the_original(tmp_path, namespace):
+    model, storage, batches, expected = swapped_dlrm(tmp_path, namespace, n_batches=5, batch=6, seed=1,
+                                                     cache_ratio=0.05)
     hps = model.sparse_arch.embedding_bag_collection
     assert isinstance(hps, HPSEmbeddingBagCollection)
     with torch.no_grad():
