@@ -27,10 +27,11 @@ def trainer(config: str, steps: int = 100, checkpoint: Optional[str] = None, sav
 
 
 def inference_node(config: str, duration: float = 30.0, group_id: Optional[str] = None,
-                   metrics_port: Optional[int] = None, image: str = _IMAGE, cpu: int = 2,
-                   memMB: int = 8192) -> specs.AppDef:
+                   metrics_port: Optional[int] = None, stop_file: Optional[str] = None, image: str = _IMAGE,
+                   cpu: int = 2, memMB: int = 8192) -> specs.AppDef:
     """Serves lookups through HPSEmbeddingBagCollection while consuming updates."""
     args = ["--config", config, "--duration", str(duration)]
+    args += ["--stop-file", stop_file] if stop_file else []
     args += ["--group-id", group_id] if group_id else []
     args += ["--metrics-port", str(metrics_port)] if metrics_port else []
     return specs.AppDef(name="hps-inference", roles=[_role("inference", "apps.serve_node", args, image, cpu, memMB)])

@@ -16,9 +16,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--group-id", help="Kafka consumer group (one per node for node-local tiers)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    p.add_argument("--stop-file", help="stop serving (then drain and exit) once this file exists")
     args = p.parse_args(argv)
     run_inference_node(load_config(args.config), args.duration, batch_size=args.batch_size, group_id=args.group_id,
-                       metrics_port=args.metrics_port)
+                       metrics_port=args.metrics_port, stop_file=args.stop_file)
     return 0
 
 

@@ -49,11 +49,15 @@ tables:
 
     runner = get_runner()
     log_dir = {"log_dir": str(tmp_path / "torchx")}
-    node = runner.run(components.inference_node(str(config), duration=12.0, group_id=f"{namespace}-n0"),
-                      scheduler="local_cwd", cfg=log_dir)
+    stop = tmp_path / "stop"  # the node serves until the trainer is done, however long that takes here
+    node = runner.run(components.inference_node(str(config), duration=300.0, group_id=f"{namespace}-n0",
+                                                stop_file=str(stop)), scheduler="local_cwd", cfg=log_dir)
     train = runner.run(components.trainer(str(config), steps=8, checkpoint=str(tmp_path / "init.pt"),
                                           save=str(tmp_path / "final.pt")), scheduler="local_cwd", cfg=log_dir)
-    assert runner.wait(train, wait_interval=1).state == AppState.SUCCEEDED
+    try:
+        assert runner.wait(train, wait_interval=1).state == AppState.SUCCEEDED
+    finally:
+        stop.write_text("done")
     assert runner.wait(node, wait_interval=1).state == AppState.SUCCEEDED
     final = torch.load(tmp_path / "final.pt")
     red = RedisTier(RedisTierConfig(url=redis_url))

@@ -61,9 +61,12 @@ def run_trainer(cfg: ServingConfig, steps: int, checkpoint: Optional[str] = None
 
 def run_inference_node(cfg: ServingConfig, duration_s: float, batch_size: int = 256, group_id: Optional[str] = None,
                        metrics_port: Optional[int] = None, drain_timeout_s: float = 60.0,
-                       log: Callable[[str], None] = print) -> Dict:
-    """Serve Zipf lookups through an HPSEmbeddingBagCollection for `duration_s` while applying updates from
-    Kafka; then wait until the consumer has no lag (or `drain_timeout_s`) and report stats."""
+                       stop_file: Optional[str] = None, log: Callable[[str], None] = print) -> Dict:
+    """Serve Zipf lookups through an HPSEmbeddingBagCollection for `duration_s` (or until `stop_file`
+    exists) while applying updates from Kafka; then wait until the consumer has no lag (or
+    `drain_timeout_s`) and report stats."""
+    import os
+
     from torchrec_hps.metrics import start_metrics_server
     from torchrec_hps.modules import HPSEmbeddingBagCollection
     from torchrec_hps.storage import StorageHierarchy
@@ -82,7 +85,7 @@ def run_inference_node(cfg: ServingConfig, duration_s: float, batch_size: int = 
     samplers = [ZipfKeys(t.num_embeddings, seed=100 + i) for t in cfg.tables for i, _ in enumerate(t.feature_names)]
     end, lookups = time.monotonic() + duration_s, 0
     try:
-        while time.monotonic() < end:
+        while time.monotonic() < end and not (stop_file and os.path.exists(stop_file)):
             with torch.no_grad():
                 hps(zipf_kjt(samplers, features, batch_size))
             lookups += 1
