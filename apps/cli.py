@@ -31,7 +31,9 @@ def _demo(args: argparse.Namespace) -> int:
     from torchrec_hps.demo import run_demo
 
     torchrec_hps.check_environment(verbose=True)
-    result = run_demo(batches=args.batches, batch_size=args.batch_size, cache_ratio=args.cache_ratio)
+    serving = _config(args) if args.config else None
+    result = run_demo(batches=args.batches, batch_size=args.batch_size, cache_ratio=args.cache_ratio,
+                      train_steps=args.train_steps, serving=serving)
     return 0 if result["ok"] else 1
 
 
@@ -80,12 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchrec-hps", description="Hierarchical parameter server for TorchRec.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the embedded demo (no server needed)", formatter_class=fmt,
-                          description="Swap a small DLRM onto the parameter server (memory + local RocksDB), serve "
-                                      "Zipf ids through a small cache, print hit rates and check equality.",
-                          epilog="example:\n  torchrec-hps demo --batches 20 --cache-ratio 0.01")
+                          description="Train a small DLRM, serve it through the parameter server (memory + local "
+                                      "RocksDB, or the tiers of --config) with a small cache, print hit rates and "
+                                      "check equality with the trained model.",
+                          epilog="examples:\n  torchrec-hps demo --batches 20 --cache-ratio 0.01\n"
+                                 "  torchrec-hps demo --config hps.yaml   # Redis/Kafka from the config")
     demo.add_argument("--batches", type=int, default=40)
     demo.add_argument("--batch-size", type=int, default=512)
     demo.add_argument("--cache-ratio", type=float, default=0.05, help="share of each table the cache holds")
+    demo.add_argument("--train-steps", type=int, default=200)
+    demo.add_argument("--config", help="serve from these tiers; with `kafka`, train with the train bridge on")
     demo.set_defaults(func=_demo)
     load = sub.add_parser("load", help="load a TorchRec checkpoint into the tiers", formatter_class=fmt,
                           description="Write every embedding table of a checkpoint (state dict or saved module) "

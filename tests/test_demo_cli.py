@@ -9,11 +9,34 @@ from torchrec_hps.demo import run_demo
 
 def test_demo_serves_a_swapped_dlrm_exactly(tmp_path):
     lines = []
-    result = run_demo(batches=4, batch_size=64, max_rows=5000, path=str(tmp_path / "db"), log=lines.append)
+    result = run_demo(batches=4, batch_size=64, max_rows=5000, train_steps=5, path=str(tmp_path / "db"),
+                      log=lines.append)
     assert result["ok"] and result["max_abs_diff"] == 0.0
     assert 0.0 < result["hit_rate"] < 1.0
     assert result["served_by"]["rocksdb"] > 0
     assert any("hit rate" in line for line in lines) and any("-> OK" in line for line in lines)
+
+
+def test_demo_with_kafka_trains_with_the_bridge_on(tmp_path, namespace, redis_url, kafka_bootstrap):
+    from torchrec_hps.config_file import load_config
+
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text(f"model: {namespace}\nstorage:\n  redis: {{url: '{redis_url}'}}\n"
+                   f"  rocksdb: {{path: {tmp_path}/db}}\nkafka: {{bootstrap_servers: '{kafka_bootstrap}'}}\n")
+    lines = []
+    result = run_demo(batches=3, batch_size=32, max_rows=2000, train_steps=6, serving=load_config(cfg),
+                      log=lines.append)
+    assert result["ok"], lines
+    assert any("with the train bridge on" in line for line in lines)
+    from torchrec_hps.config import RedisTierConfig, TableSpec
+    from torchrec_hps.demo import CRITEO_ROWS
+    from torchrec_hps.storage import RedisTier
+
+    red = RedisTier(RedisTierConfig(url=redis_url))  # clean up the demo's rows
+    for i, n in enumerate(CRITEO_ROWS):
+        red.add_table(TableSpec(namespace, f"t{i}", min(n, 2000), 16))
+        red.drop_table(f"{namespace}.t{i}")
+    red.close()
 
 
 def test_cli_errors_are_one_line_with_exit_code(capsys):
