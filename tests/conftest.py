@@ -3,10 +3,8 @@
 A server that cannot be reached is a test error with a clear message, never a skip."""
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 

@@ -88,7 +88,7 @@ def test_cli_load_checkpoint_and_resume(tmp_path, capsys):
     rows, found = _rocks_rows(tmp_path, "cli_model", "t1", 1000)
     assert found.all() and torch.equal(rows, ebc.embedding_bags["t1"].weight.detach())
     # a load that stopped after 600 rows resumes there
-    (tmp_path / f"model.pt.other.load-progress.json").write_text('{"t1": 600}')
+    (tmp_path / "model.pt.other.load-progress.json").write_text('{"t1": 600}')
     cfg2 = _config_file(tmp_path, model="other")
     assert cli.main(["load", "--config", str(cfg2), "--checkpoint", str(ckpt), "--quiet"]) == 0
     rows, found = _rocks_rows(tmp_path, "other", "t1", 1000)

@@ -14,7 +14,6 @@ import tempfile
 import time
 from typing import Callable, Dict, Optional
 
-import numpy as np
 import torch
 
 # Criteo Terabyte's 26 categorical cardinalities, capped (MLPerf caps at 40M; here at 200K for a laptop)

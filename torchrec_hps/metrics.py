@@ -2,7 +2,7 @@
 nothing is added to the lookup path; values are collected when Prometheus scrapes."""
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Sequence
 
 import numpy as np
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 
-from torchrec_hps.config import CacheConfig, HPSConfig, KafkaConfig, MemoryTierConfig, TableSpec
+from torchrec_hps.config import CacheConfig, HPSConfig, KafkaConfig, TableSpec
 from torchrec_hps.modules import HPSEmbeddingBagCollection
 from torchrec_hps.storage import StorageHierarchy, bulk_load
 from torchrec_hps.train_bridge import DeltaPublisher, EBCDeltaPublisher, UpdateConsumer, encode

@@ -1,12 +1,11 @@
 """HPSEmbeddingBagCollection against TorchRec's EmbeddingBagCollection with the same weights."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec import KeyedJaggedTensor
 
 from torchrec_hps.config import CacheConfig
 from tests.modules.conftest import SUM_TABLES, TABLES, random_kjt

@@ -10,8 +10,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from torchrec_hps.config import MemoryTierConfig, RedisTierConfig, RocksDBTierConfig, TableSpec
-from torchrec_hps.storage import MISSING, MemoryTier, RedisTier, RocksDBTier, StorageHierarchy, TierWriteError
+from torchrec_hps.config import RedisTierConfig, TableSpec
+from torchrec_hps.storage import MISSING, RedisTier, StorageHierarchy, TierWriteError
 
 
 @pytest.fixture
