@@ -137,6 +137,7 @@ class CacheConfig:
     eviction_batch: float = 0.01  # when full, evict at least this share of the slots at once (amortizes the scan)
     default_value: float = 0.0  # the default vector's value, for keys found in no tier (and async misses)
     unknown_keys: str = "error"  # ids outside [0, num_embeddings): "error" or "default" (vector + counter)
+    cuda_graphs: bool = True  # on CUDA, replay all-hit lookups as CUDA graphs (one per batch size and id bucket)
 
     def __post_init__(self) -> None:
         _check_range("cache", "cache_ratio", self.cache_ratio, 0.0, 1.0)

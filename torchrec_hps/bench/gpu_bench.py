@@ -80,6 +80,8 @@ def run_gpu_bench(num_tables: int = 8, rows: int = 1_000_000, dim: int = 128,
             log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=50))
         log(f"B={batch:6d} L={bag:3d}  ours {ours_ms:.3f} ms ({r['ours_mrows_s']:.0f} Mrows/s, p99 {ours_p99:.3f})  "
             f"fbgemm DEVICE {ref_ms:.3f} ms ({r['fbgemm_mrows_s']:.0f} Mrows/s)  ours/fbgemm speed {r['ratio']:.2f}x")
+    graphs = [g.graphs for g in hps.engine.groups if g.graphs is not None]
+    log(f"CUDA graph replays {sum(g.replays for g in graphs)}, eager fallbacks {sum(g.fallbacks for g in graphs)}")
     hps.close()
     storage.close()
     return results

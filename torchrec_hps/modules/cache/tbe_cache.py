@@ -23,6 +23,7 @@ import torch
 
 from torchrec_hps.config import CacheConfig, TableSpec
 from torchrec_hps.eviction import FreeSlots, choose_victims
+from torchrec_hps.modules.cache.cuda_graph import GraphedAllHitPath
 from torchrec_hps.modules.cache.interface import EmbeddingCacheGroup
 from torchrec_hps.storage.hierarchy import StorageHierarchy
 
@@ -99,8 +100,10 @@ class TBECacheGroup(EmbeddingCacheGroup):
             w.fill_(config.default_value)
         bases = np.concatenate([[0], np.cumsum([s.num_rows for s in self.specs])])
         self.key_base = bases[:-1]
-        self.register_buffer("remap", torch.full((int(bases[-1]),), MISS_SLOT, dtype=torch.int32, device=device),
-                             persistent=False)
+        # one entry past the last table: a sentinel (never a miss) that padded ids of CUDA graphs land on
+        remap = torch.full((int(bases[-1]) + 1,), MISS_SLOT, dtype=torch.int32, device=device)
+        remap[-1] = ABSENT_SLOT
+        self.register_buffer("remap", remap, persistent=False)
         self.register_buffer("_bounds", torch.tensor(bases[1:-1], dtype=torch.int64, device=device), persistent=False)
         self.register_buffer("_feature_base", torch.tensor(self.key_base[list(feature_tables)], dtype=torch.int64,
                                                            device=device), persistent=False)
@@ -118,14 +121,22 @@ class TBECacheGroup(EmbeddingCacheGroup):
                              persistent=False)
         self.register_buffer("freq", torch.zeros(int(slot_bases[-1]), dtype=torch.int64, device=device),
                              persistent=False)
-        self.register_buffer("_ids", torch.zeros(len(self.specs), dtype=torch.int64, device=device), persistent=False)
-        self.register_buffer("_misses", torch.zeros(len(self.specs), dtype=torch.int64, device=device),
+        # counters have one extra entry: the dummy feature that pads CUDA-graph batches counts there
+        self.register_buffer("_ids", torch.zeros(len(self.specs) + 1, dtype=torch.int64, device=device),
                              persistent=False)
+        self.register_buffer("_misses", torch.zeros(len(self.specs) + 1, dtype=torch.int64, device=device),
+                             persistent=False)
+        ext = lambda t, v: torch.cat([t, torch.tensor([v], dtype=t.dtype, device=device)])  # noqa: E731
+        self.register_buffer("_graph_feature_arange", torch.arange(n_features + 1, device=device), persistent=False)
+        self.register_buffer("_graph_feature_base", ext(self._feature_base, int(bases[-1])), persistent=False)
+        self.register_buffer("_graph_feature_slot_base", ext(self._feature_slot_base, 0), persistent=False)
+        self.register_buffer("_graph_feature_table", ext(self._feature_table, len(self.specs)), persistent=False)
         self.stats_ = [CacheTableStats() for _ in self.specs]
         self.lock = threading.RLock()
         self._tick = 0
         self._rng = np.random.default_rng(0)
         self.inserter: Optional["AsyncInserter"] = None
+        self.graphs = GraphedAllHitPath(self) if device.type == "cuda" and config.cuda_graphs else None
 
     # ---- the lookup ----
     def forward(self, values: torch.Tensor, offsets: torch.Tensor, per_sample_weights: Optional[torch.Tensor],
@@ -135,36 +146,47 @@ class TBECacheGroup(EmbeddingCacheGroup):
         (`feature_counts[f]` ids for feature f), `offsets` over the F*B bags. Ids flagged `invalid` get the
         default vector, or raise InvalidIdsError before anything changes if `invalid_is_error`. With every id
         cached this is a handful of device ops, one host sync (anything missing or invalid?) and the TBE."""
+        with self.lock:
+            self._tick += 1
+            if self.graphs is not None:
+                out, any_invalid = self.graphs.lookup(values, offsets, per_sample_weights, feature_counts, invalid,
+                                                      self._tick)
+                if out is not None:
+                    return out
+                if any_invalid and invalid_is_error:
+                    raise InvalidIdsError("ids out of range")
+            return self._eager(values, offsets, per_sample_weights, feature_counts, invalid, invalid_is_error)
+
+    def _eager(self, values: torch.Tensor, offsets: torch.Tensor, per_sample_weights: Optional[torch.Tensor],
+               feature_counts: torch.Tensor, invalid: Optional[torch.Tensor], invalid_is_error: bool) -> torch.Tensor:
         values = values.to(torch.int64)
         if invalid is not None:
             values = torch.where(invalid, torch.zeros_like(values), values)
         fidx = torch.repeat_interleave(self._feature_arange, feature_counts, output_size=values.numel())
         flat = values + self._feature_base[fidx]
-        with self.lock:
-            self._tick += 1
+        slots = self.remap[flat]
+        miss = slots == MISS_SLOT
+        if invalid is not None:
+            miss &= ~invalid
+        any_miss, any_invalid = torch.stack([miss.any(), invalid.any() if invalid is not None else
+                                             miss.new_zeros(())]).tolist()
+        if any_invalid and invalid_is_error:
+            raise InvalidIdsError("ids out of range")
+        self._ids.index_add_(0, self._feature_table, feature_counts.to(torch.int64))
+        miss_per_feature = torch.zeros_like(self._feature_arange).index_add_(0, fidx, miss.to(torch.int64))
+        self._misses.index_add_(0, self._feature_table, miss_per_feature)
+        self._touch(slots, fidx)  # before any eviction: this batch's hits are protected
+        overflow: Dict[int, Dict[str, np.ndarray]] = {}
+        if any_miss:
+            overflow = self._handle_misses(flat if invalid is None else flat[~invalid], flat[miss])
             slots = self.remap[flat]
-            miss = slots == MISS_SLOT
-            if invalid is not None:
-                miss &= ~invalid
-            any_miss, any_invalid = torch.stack([miss.any(), invalid.any() if invalid is not None else
-                                                 miss.new_zeros(())]).tolist()
-            if any_invalid and invalid_is_error:
-                raise InvalidIdsError("ids out of range")
-            self._ids.index_add_(0, self._feature_table, feature_counts.to(torch.int64))
-            miss_per_feature = torch.zeros_like(self._feature_arange).index_add_(0, fidx, miss.to(torch.int64))
-            self._misses.index_add_(0, self._feature_table, miss_per_feature)
-            self._touch(slots, fidx)  # before any eviction: this batch's hits are protected
-            overflow: Dict[int, Dict[str, np.ndarray]] = {}
-            if any_miss:
-                overflow = self._handle_misses(flat if invalid is None else flat[~invalid], flat[miss])
-                slots = self.remap[flat]
-                self._touch(slots, fidx)
-            if invalid is not None:
-                slots = torch.where(invalid, torch.full_like(slots, ABSENT_SLOT), slots)
-            out = self.tbe(slots, offsets, per_sample_weights)
-            for t, rows_by_id in overflow.items():
-                out = self._overwrite_uncached(out, t, flat, slots, rows_by_id, offsets, per_sample_weights,
-                                               feature_counts)
+            self._touch(slots, fidx)
+        if invalid is not None:
+            slots = torch.where(invalid, torch.full_like(slots, ABSENT_SLOT), slots)
+        out = self.tbe(slots, offsets, per_sample_weights)
+        for t, rows_by_id in overflow.items():
+            out = self._overwrite_uncached(out, t, flat, slots, rows_by_id, offsets, per_sample_weights,
+                                           feature_counts)
         return out
 
     def _touch(self, slots: torch.Tensor, fidx: torch.Tensor) -> None:
