@@ -66,11 +66,12 @@ class _Captured:
             self.fidx, self.slots, self.flags, self.out = compute()
             commit()
         torch.cuda.current_stream(dev).wait_stream(stream)
+        # thread_local: other threads (the background inserter, other groups) keep using CUDA meanwhile
         self.compute_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.compute_graph):
+        with torch.cuda.graph(self.compute_graph, capture_error_mode="thread_local"):
             self.fidx, self.slots, self.flags, self.out = compute()
         self.commit_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.commit_graph):
+        with torch.cuda.graph(self.commit_graph, capture_error_mode="thread_local"):
             commit()
         torch.cuda.synchronize(dev)
 
