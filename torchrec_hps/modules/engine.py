@@ -242,6 +242,8 @@ class HPSEngine:
         return out
 
     def close(self) -> None:
+        for group in self.groups:
+            group.close()
         if self.inserter is not None:
             self.inserter.close()
             self.inserter = None

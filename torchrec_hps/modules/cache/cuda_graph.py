@@ -11,6 +11,7 @@ done by the eager path need no re-capture.
 """
 from __future__ import annotations
 
+import gc
 from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import torch
@@ -66,13 +67,22 @@ class _Captured:
             self.fidx, self.slots, self.flags, self.out = compute()
             commit()
         torch.cuda.current_stream(dev).wait_stream(stream)
-        # thread_local: other threads (the background inserter, other groups) keep using CUDA meanwhile
-        self.compute_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.compute_graph, capture_error_mode="thread_local"):
-            self.fidx, self.slots, self.flags, self.out = compute()
-        self.commit_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.commit_graph, capture_error_mode="thread_local"):
-            commit()
+        # thread_local: other threads (the background inserter, other groups) keep using CUDA meanwhile.
+        # No garbage collection during capture: collecting an old engine destroys its CUDA graphs, which
+        # invalidates a capture in progress (seen on the H100: "operation failed due to a previous error
+        # during capture" in the TBE, depending on GC timing).
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self.compute_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.compute_graph, capture_error_mode="thread_local"):
+                self.fidx, self.slots, self.flags, self.out = compute()
+            self.commit_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.commit_graph, capture_error_mode="thread_local"):
+                commit()
+        finally:
+            if gc_was_enabled:
+                gc.enable()
         torch.cuda.synchronize(dev)
 
 
@@ -82,6 +92,10 @@ class GraphedAllHitPath:
         self._captures: Dict[Tuple[int, int, bool], _Captured] = {}
         self.replays = 0
         self.fallbacks = 0
+
+    def release(self) -> None:
+        """Drop the captured graphs (outside any capture, so their destruction is safe)."""
+        self._captures.clear()
 
     def lookup(self, values: torch.Tensor, offsets: torch.Tensor, weights: Optional[torch.Tensor],
                counts: torch.Tensor, invalid: Optional[torch.Tensor], tick: int) -> Tuple[Optional[torch.Tensor], bool]:

@@ -44,3 +44,6 @@ class EmbeddingCacheGroup(torch.nn.Module, abc.ABC):
     @abc.abstractmethod
     def table_stats(self, t: int) -> Dict[str, float]:
         """Counters of table t (hits, misses, inserts, evictions, ...)."""
+
+    def close(self) -> None:
+        """Release what the implementation holds (threads, CUDA graphs)."""

@@ -377,6 +377,11 @@ class TBECacheGroup(EmbeddingCacheGroup):
         ts = self.slots[t]
         return np.sort(ts.key_of_slot[ts.key_of_slot >= 0])
 
+    def close(self) -> None:
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+
     def table_stats(self, t: int) -> Dict[str, float]:
         d = self.stats_[t].as_dict()
         ids, misses = int(self._ids[t]), int(self._misses[t])
