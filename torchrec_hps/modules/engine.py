@@ -22,7 +22,7 @@ from torchrec_hps.modules.cache import AsyncInserter, EmbeddingCacheGroup, Inval
 from torchrec_hps.modules.kjt_checks import check_kjt_layout, check_lengths, describe_bad_id, out_of_range
 from torchrec_hps.storage.hierarchy import StorageHierarchy
 
-_POOLING = {PoolingType.SUM: 0, PoolingType.MEAN: 1}  # fbgemm PoolingMode values
+_POOLINGS = (PoolingType.SUM, PoolingType.MEAN)
 
 
 def _pooling_mode(pooling: PoolingType):
@@ -49,7 +49,7 @@ class HPSEngine:
             raise ValueError(f"table names repeat: {names}")
         seen: Dict[str, str] = {}
         for t in tables:
-            if t.pooling not in _POOLING:
+            if t.pooling not in _POOLINGS:
                 raise ValueError(f"table {t.name!r}: pooling {t.pooling} is not supported; expected SUM or MEAN")
             if is_weighted and t.pooling != PoolingType.SUM:
                 raise ValueError(f"table {t.name!r}: weighted features need SUM pooling (as in TorchRec), got {t.pooling}")

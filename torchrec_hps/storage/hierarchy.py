@@ -123,7 +123,7 @@ class StorageHierarchy:
             if len(ask) == 0:
                 continue
             try:
-                tier_rows, tier_found = tier.get(table, torch.from_numpy(k[ask]))
+                tier_rows, tier_found = tier.get(table, torch.from_numpy(k[ask]), checked=True)
             except TierError as e:  # a whole tier unreachable: fall through
                 errors += 1
                 logger.warning("tier %s failed on get(%s): %s; falling through", tier.name, table, e)

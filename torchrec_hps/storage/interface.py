@@ -145,9 +145,6 @@ class StorageTier(abc.ABC):
     def tables(self) -> List[str]:
         return list(self._specs)
 
-    def has_table(self, table: str) -> bool:
-        return table in self._specs
-
     def spec(self, table: str) -> TableSpec:
         try:
             return self._specs[table]
@@ -155,10 +152,11 @@ class StorageTier(abc.ABC):
             raise ValueError(f"{self.name}: unknown table {table!r}; registered tables: {sorted(self._specs)}") from None
 
     # ---- the batched API ----
-    def get(self, table: str, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Rows for `keys` ([N, dim] float32; zeros where absent) and a bool mask of the keys found."""
+    def get(self, table: str, keys: torch.Tensor, checked: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Rows for `keys` ([N, dim] float32; zeros where absent) and a bool mask of the keys found.
+        `checked=True`: the caller (the hierarchy) already validated `keys`, so the range scan is skipped."""
         spec = self.spec(table)
-        k = as_key_array(keys, spec)
+        k = keys.numpy() if checked else as_key_array(keys, spec)
         t0 = time.perf_counter()
         rows, found = self._get(spec, k)
         dt = time.perf_counter() - t0

@@ -32,7 +32,7 @@ class _Captured:
 
         self.group, self.bucket = group, bucket
         dev = group.device
-        n_features = len(group._feature_tables)
+        n_features = group.n_features
         self.values = torch.zeros(bucket, dtype=torch.int64, device=dev)
         self.invalid = torch.zeros(bucket, dtype=torch.bool, device=dev)
         self.counts = torch.zeros(n_features + 1, dtype=torch.int64, device=dev)
@@ -43,8 +43,8 @@ class _Captured:
         g = group
 
         def compute():
-            fidx = torch.repeat_interleave(g._graph_feature_arange, self.counts, output_size=bucket)
-            flat = torch.where(self.invalid, torch.zeros_like(self.values), self.values) + g._graph_feature_base[fidx]
+            fidx = torch.repeat_interleave(g._feature_arange, self.counts, output_size=bucket)
+            flat = torch.where(self.invalid, torch.zeros_like(self.values), self.values) + g._feature_base[fidx]
             slots = g.remap[flat]
             miss = (slots == MISS_SLOT) & ~self.invalid
             flags = torch.stack([miss.any(), self.invalid.any()])
@@ -53,8 +53,8 @@ class _Captured:
             return fidx, slots, flags, out
 
         def commit():
-            g._ids.index_add_(0, g._graph_feature_table, self.counts)
-            gslots = self.slots.to(torch.int64) + g._graph_feature_slot_base[self.fidx]
+            g._ids.index_add_(0, g._feature_table, self.counts)
+            gslots = self.slots.to(torch.int64) + g._feature_slot_base[self.fidx]
             g.last_access[gslots] = self.tick
             if g.config.eviction == "lfu":
                 g.freq.index_add_(0, gslots, torch.ones_like(gslots))
@@ -101,7 +101,7 @@ class GraphedAllHitPath:
                counts: torch.Tensor, invalid: Optional[torch.Tensor], tick: int) -> Tuple[Optional[torch.Tensor], bool]:
         """(pooled output, False) when every id hit; (None, any_invalid) when the eager path must run."""
         n = values.numel()
-        n_features = len(self.group._feature_tables)
+        n_features = self.group.n_features
         batch = (offsets.numel() - 1) // max(n_features, 1)
         key = (batch, bucket_for(n), weights is not None)
         cap = self._captures.get(key)

@@ -105,17 +105,21 @@ class TBECacheGroup(EmbeddingCacheGroup):
         remap[-1] = ABSENT_SLOT
         self.register_buffer("remap", remap, persistent=False)
         self.register_buffer("_bounds", torch.tensor(bases[1:-1], dtype=torch.int64, device=device), persistent=False)
-        self.register_buffer("_feature_base", torch.tensor(self.key_base[list(feature_tables)], dtype=torch.int64,
-                                                           device=device), persistent=False)
-        self._feature_tables = np.asarray(feature_tables, dtype=np.int64)
         slot_bases = np.concatenate([[0], np.cumsum([c + RESERVED_SLOTS for c in self.capacities])])
         self.slots = [_TableSlots(c, int(b)) for c, b in zip(self.capacities, slot_bases[:-1])]
-        n_features = len(feature_tables)
-        self.register_buffer("_feature_slot_base", torch.tensor(slot_bases[list(feature_tables)], dtype=torch.int64,
-                                                                device=device), persistent=False)
-        self.register_buffer("_feature_table", torch.tensor(list(feature_tables), dtype=torch.int64, device=device),
-                             persistent=False)
-        self.register_buffer("_feature_arange", torch.arange(n_features, device=device), persistent=False)
+        n_features = self.n_features = len(feature_tables)
+        # Per feature: its table's first id in the remap, first slot, and index; each with one extra entry for
+        # the dummy feature that pads CUDA-graph batches (ids on the sentinel, counts on a spare counter).
+        # The eager path only indexes real features, so both paths share these buffers.
+        ft = list(feature_tables)
+
+        def per_feature(values, dummy) -> torch.Tensor:
+            return torch.tensor(list(values) + [dummy], dtype=torch.int64, device=device)
+
+        self.register_buffer("_feature_base", per_feature(self.key_base[ft], int(bases[-1])), persistent=False)
+        self.register_buffer("_feature_slot_base", per_feature(slot_bases[ft], 0), persistent=False)
+        self.register_buffer("_feature_table", per_feature(ft, len(self.specs)), persistent=False)
+        self.register_buffer("_feature_arange", torch.arange(n_features + 1, device=device), persistent=False)
         # LRU/LFU state and hit counters on the device, so the all-hit path never waits for the host
         self.register_buffer("last_access", torch.zeros(int(slot_bases[-1]), dtype=torch.int64, device=device),
                              persistent=False)
@@ -126,11 +130,6 @@ class TBECacheGroup(EmbeddingCacheGroup):
                              persistent=False)
         self.register_buffer("_misses", torch.zeros(len(self.specs) + 1, dtype=torch.int64, device=device),
                              persistent=False)
-        ext = lambda t, v: torch.cat([t, torch.tensor([v], dtype=t.dtype, device=device)])  # noqa: E731
-        self.register_buffer("_graph_feature_arange", torch.arange(n_features + 1, device=device), persistent=False)
-        self.register_buffer("_graph_feature_base", ext(self._feature_base, int(bases[-1])), persistent=False)
-        self.register_buffer("_graph_feature_slot_base", ext(self._feature_slot_base, 0), persistent=False)
-        self.register_buffer("_graph_feature_table", ext(self._feature_table, len(self.specs)), persistent=False)
         self.stats_ = [CacheTableStats() for _ in self.specs]
         self.lock = threading.RLock()
         self._tick = 0
@@ -162,7 +161,7 @@ class TBECacheGroup(EmbeddingCacheGroup):
         values = values.to(torch.int64)
         if invalid is not None:
             values = torch.where(invalid, torch.zeros_like(values), values)
-        fidx = torch.repeat_interleave(self._feature_arange, feature_counts, output_size=values.numel())
+        fidx = torch.repeat_interleave(self._feature_arange[:-1], feature_counts, output_size=values.numel())
         flat = values + self._feature_base[fidx]
         slots = self.remap[flat]
         miss = slots == MISS_SLOT
@@ -172,9 +171,9 @@ class TBECacheGroup(EmbeddingCacheGroup):
                                              miss.new_zeros(())]).tolist()
         if any_invalid and invalid_is_error:
             raise InvalidIdsError("ids out of range")
-        self._ids.index_add_(0, self._feature_table, feature_counts.to(torch.int64))
-        miss_per_feature = torch.zeros_like(self._feature_arange).index_add_(0, fidx, miss.to(torch.int64))
-        self._misses.index_add_(0, self._feature_table, miss_per_feature)
+        self._ids.index_add_(0, self._feature_table[:-1], feature_counts.to(torch.int64))
+        miss_per_feature = torch.zeros_like(self._feature_arange[:-1]).index_add_(0, fidx, miss.to(torch.int64))
+        self._misses.index_add_(0, self._feature_table[:-1], miss_per_feature)
         self._touch(slots, fidx)  # before any eviction: this batch's hits are protected
         overflow: Dict[int, Dict[str, np.ndarray]] = {}
         if any_miss:
