@@ -344,9 +344,12 @@ class KafkaBroker:
             shutil.rmtree(self.dir)
         config = self._write_config()
         if fresh or not (self.dir / "data" / "meta.properties").exists():
+            # A base64url id may start with '-', which argparse reads as an option: pass it as
+            # --cluster-id=<id> (CI once drew such an id and failed to format).
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
             out = subprocess.run(
-                self._java() + ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)],
+                self._java() + ["kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
+                                f"--config={config}"],
                 capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
             if out.returncode != 0:
                 raise ServerError(f"kafka storage format failed:\n{out.stdout}\n{out.stderr}")
