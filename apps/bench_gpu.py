@@ -1,4 +1,4 @@
-"""GPU benchmark entry point: `python -m apps.bench_gpu` (needs CUDA and fbgemm-gpu)."""
+"""GPU benchmark: ours vs fbgemm DEVICE and MANAGED_CACHING on Zipf(1.09) batches (needs CUDA and fbgemm-gpu)."""
 from __future__ import annotations
 
 import argparse
@@ -11,20 +11,22 @@ import torch
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, epilog="example: python -m apps.bench_gpu --rows 1000000")
+    p = argparse.ArgumentParser(description=__doc__, epilog="example: python -m apps.bench_gpu --rows 4000000")
     p.add_argument("--tables", type=int, default=8)
-    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--rows", type=int, default=4_000_000, help="rows per table")
+    p.add_argument("--budget", type=float, default=0.1, help="HBM budget of the caches, as a share of the rows")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--json", default="results/bench_gpu.json")
-    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of the first shape")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler tables of our variants per shape")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gpu: CUDA is not available here; run it on a GPU machine", file=sys.stderr)
         return 2
     from torchrec_hps.bench.gpu_bench import run_gpu_bench
 
-    results = run_gpu_bench(num_tables=args.tables, rows=args.rows, dim=args.dim, reps=args.reps, profile=args.profile)
+    results = run_gpu_bench(num_tables=args.tables, rows=args.rows, dim=args.dim, reps=args.reps, budget=args.budget,
+                            profile=args.profile)
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=2)

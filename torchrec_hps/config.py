@@ -123,6 +123,7 @@ class StorageConfig:
 
 EVICTION_POLICIES: Tuple[str, ...] = ("lru", "lfu")
 UNKNOWN_KEY_POLICIES: Tuple[str, ...] = ("error", "default")
+CACHE_DTYPES: Tuple[str, ...] = ("fp32", "fp16")
 
 
 @dataclass
@@ -138,6 +139,7 @@ class CacheConfig:
     default_value: float = 0.0  # the default vector's value, for keys found in no tier (and async misses)
     unknown_keys: str = "error"  # ids outside [0, num_embeddings): "error" or "default" (vector + counter)
     cuda_graphs: bool = True  # on CUDA, replay all-hit lookups as CUDA graphs (one per batch size and id bucket)
+    cache_dtype: str = "fp32"  # cached rows: "fp32" or "fp16" (half the HBM per row; pooled output stays fp32)
 
     def __post_init__(self) -> None:
         _check_range("cache", "cache_ratio", self.cache_ratio, 0.0, 1.0)
@@ -145,6 +147,7 @@ class CacheConfig:
         _check_range("cache", "eviction_batch", self.eviction_batch, 0.0, 0.5)
         _check_choice("cache", "eviction", self.eviction, EVICTION_POLICIES)
         _check_choice("cache", "unknown_keys", self.unknown_keys, UNKNOWN_KEY_POLICIES)
+        _check_choice("cache", "cache_dtype", self.cache_dtype, CACHE_DTYPES)
         if self.min_cache_rows < 0:
             raise ValueError(f"cache.min_cache_rows={self.min_cache_rows} must be >= 0")
         if self.cache_rows is not None and self.cache_rows <= 0:

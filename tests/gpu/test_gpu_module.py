@@ -9,18 +9,19 @@ from torchrec import EmbeddingBagCollection
 from torchrec_hps.config import CacheConfig, HPSConfig, MemoryTierConfig, RocksDBTierConfig, StorageConfig
 from torchrec_hps.modules import HPSEmbeddingBagCollection
 from torchrec_hps.storage import StorageHierarchy, bulk_load
-from tests.modules.conftest import TABLES, random_kjt
+from tests.modules.conftest import SUM_TABLES, TABLES, random_kjt
 
 pytestmark = pytest.mark.gpu
 
 
-def _setup(tmp_path, ratio, threshold):
-    ref = EmbeddingBagCollection(tables=TABLES)
+def _setup(tmp_path, ratio, threshold, tables=TABLES, **cache):
+    ref = EmbeddingBagCollection(tables=tables)
     storage = StorageHierarchy.from_config(StorageConfig(memory=MemoryTierConfig(capacity=100),
                                                          rocksdb=RocksDBTierConfig(path=str(tmp_path / "db"))))
     bulk_load(storage.tiers[-1:], "gpu", ref, progress=False)
-    cfg = HPSConfig(model="gpu", cache=CacheConfig(cache_ratio=ratio, min_cache_rows=1, hit_rate_threshold=threshold))
-    return ref, storage, HPSEmbeddingBagCollection(TABLES, cfg, storage=storage, device="cuda")
+    cfg = HPSConfig(model="gpu", cache=CacheConfig(cache_ratio=ratio, min_cache_rows=1, hit_rate_threshold=threshold,
+                                                   **cache))
+    return ref, storage, HPSEmbeddingBagCollection(tables, cfg, storage=storage, device="cuda")
 
 
 @pytest.mark.parametrize("ratio", [0.01, 0.1, 1.0])
@@ -51,36 +52,69 @@ def test_cuda_module_async_then_exact(tmp_path, ratio):
     storage.close()
 
 
-def test_cuda_graph_path_replays_all_hit_lookups_exactly(tmp_path):
-    ref, storage, hps = _setup(tmp_path, 1.0, threshold=1.0)
-    for t in TABLES:
+@pytest.mark.parametrize("graphs", [True, False])
+def test_all_hit_path_serves_all_hit_lookups_exactly(tmp_path, graphs):
+    ref, storage, hps = _setup(tmp_path, 1.0, threshold=1.0, tables=SUM_TABLES, cuda_graphs=graphs)
+    for t in SUM_TABLES:
         hps.prefill(t.name, torch.arange(t.num_embeddings))
     gen = torch.Generator().manual_seed(3)
-    for batch in (8, 8, 32, 8):
-        kjt = random_kjt(TABLES, batch, gen=gen)
+    n_ids = 0
+    for batch in (8, 8, 32, 8, 1):
+        kjt = random_kjt(SUM_TABLES, batch, gen=gen)
+        n_ids += kjt.values().numel()
         torch.testing.assert_close(hps(kjt.to(torch.device("cuda"))).values().cpu(), ref(kjt).values().detach(),
                                    rtol=1e-5, atol=1e-5)
-    graphs = [g.graphs for g in hps.engine.groups]
-    assert sum(g.replays for g in graphs) >= 4 * len(graphs) - 1 and sum(g.fallbacks for g in graphs) == 0
-    s = hps.stats()["t3"]
-    assert s["ids"] > 0 and s["hits"] == s["ids"]
+    (group,) = hps.engine.groups
+    assert group.all_hit.served == 5 and group.all_hit.fallbacks == 0
+    assert (group.all_hit._shapes[(8, 1024)].graph is not None) == graphs
+    s = hps.stats()
+    assert sum(s[t.name]["ids"] for t in SUM_TABLES) == n_ids
+    assert all(s[t.name]["hits"] == s[t.name]["ids"] for t in SUM_TABLES)
     hps.close()
     storage.close()
 
 
-def test_cuda_graph_path_falls_back_on_misses(tmp_path):
-    ref, storage, hps = _setup(tmp_path, 0.1, threshold=1.0)
+@pytest.mark.parametrize("cache_dtype", ["fp32", "fp16"])
+def test_all_hit_path_falls_back_on_misses_and_bad_input(tmp_path, cache_dtype):
+    ref, storage, hps = _setup(tmp_path, 0.1, threshold=1.0, tables=SUM_TABLES, cache_dtype=cache_dtype)
+    tol = 1e-5 if cache_dtype == "fp32" else 3e-3
     gen = torch.Generator().manual_seed(4)
-    for _ in range(5):
-        kjt = random_kjt(TABLES, 16, gen=gen)
+    kjts = [random_kjt(SUM_TABLES, 16, gen=gen) for _ in range(3)]
+    for kjt in kjts + kjts:
         torch.testing.assert_close(hps(kjt.to(torch.device("cuda"))).values().cpu(), ref(kjt).values().detach(),
-                                   rtol=1e-5, atol=1e-5)
-    assert sum(g.graphs.fallbacks for g in hps.engine.groups) > 0
-    with pytest.raises(ValueError, match="out of range"):
-        from torchrec import KeyedJaggedTensor
+                                   rtol=tol, atol=tol)
+    (group,) = hps.engine.groups
+    assert group.all_hit.fallbacks > 0
+    from torchrec import KeyedJaggedTensor
 
-        bad = KeyedJaggedTensor.from_lengths_sync(keys=["f1", "f3", "f2", "f4"], values=torch.tensor([1, 2, 3, 999]),
-                                                  lengths=torch.tensor([1, 1, 1, 1]))
-        hps(bad.to(torch.device("cuda")))
+    keys = ["f1", "f3", "f2", "f4"]
+    cases = [([1, 2, 3, 999], [1, 1, 1, 1], "out of range"), ([1, 2, 3, 4], [3, -1, 1, 1], "negative bag length"),
+             ([1, 2, 3, 4], [1, 1, 1, 2], "lengths add up to 5"), ([1, 2, 3, 4], [40, 0, 0, 0], "lengths add up to 40")]
+    for values, lengths, message in cases:  # garbage in the graph's buffers must not crash the TBE
+        with pytest.raises(ValueError, match=message):
+            hps(KeyedJaggedTensor(keys=keys, values=torch.tensor(values, device="cuda"),
+                                  lengths=torch.tensor(lengths, device="cuda")))
+    kjt = kjts[0]
+    torch.testing.assert_close(hps(kjt.to(torch.device("cuda"))).values().cpu(), ref(kjt).values().detach(),
+                               rtol=tol, atol=tol)
     hps.close()
     storage.close()
+
+
+def test_direct_tbe_call_equals_fbgemm_forward():
+    from torchrec_hps.modules.cache.tbe_direct import bind_pooled_lookup
+    from fbgemm_gpu.split_embedding_configs import SparseType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+    from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTableBatchedEmbeddingBagsCodegen
+
+    for ty in (SparseType.FP32, SparseType.FP16):
+        tbe = IntNBitTableBatchedEmbeddingBagsCodegen([("a", 1000, 64, ty, EmbeddingLocation.DEVICE),
+                                                       ("b", 300, 128, ty, EmbeddingLocation.DEVICE)],
+                                                      device="cuda", output_dtype=SparseType.FP32)
+        tbe.initialize_weights()
+        tbe.fill_random_weights()
+        lengths = torch.randint(0, 6, (2 * 64,), device="cuda")
+        offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths).int()
+        n = int(offsets[-1])
+        idx = torch.randint(0, 300, (n,), device="cuda").int()
+        torch.testing.assert_close(bind_pooled_lookup(tbe)(idx, offsets, None), tbe(idx, offsets))

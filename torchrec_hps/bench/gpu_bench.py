@@ -1,19 +1,44 @@
-"""GPU benchmark (first cut): HPSEmbeddingBagCollection with every row cached in HBM vs fbgemm's IntNBit
-TBE with all rows in HBM (EmbeddingLocation.DEVICE), on the same Zipf(1.09) batches, timed with CUDA
-events in one run. Prints Mrows/s (table rows read per second = T*B*L / time) and the ratio."""
+"""GPU benchmark: HPSEmbeddingBagCollection vs fbgemm's IntNBit TBE on the same Zipf(1.09) batches, timed
+with CUDA events in one run.
+
+Variants, all over the same tables (rows generated once on the GPU, written to each):
+- `fbgemm DEVICE`: every row in HBM (the speed of light for a pooled lookup);
+- `fbgemm MANAGED_CACHING`: rows in UVM behind fbgemm's own HBM cache at `budget` of the rows (LRU);
+- `ours all cached`: our cache holding every row (prefilled);
+- `ours sync`: our cache at `budget` of the rows, synchronous mode (misses fetched from the host memory
+  tier before the lookup returns, so the output is exact).
+Per call: median (p50) and p99 of CUDA-event times over `reps` calls rotating `n_batches` batches; Mrows/s
+= table rows read per second (T*B*L / p50); hit rate = share of each batch's distinct ids per table that
+were cached when it came (fbgemm's own counters for MANAGED_CACHING, ours from the cache's counters).
+"""
 from __future__ import annotations
 
 import statistics
-from typing import Callable, Dict, List, Sequence, Tuple
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from torchrec_hps.bench.workload import ZipfKeys, zipf_kjt
 
+SHAPES = ((16384, 1), (16384, 32), (256, 1))
 
-def _time_ms(fn: Callable[[int], object], n_batches: int, reps: int) -> Tuple[float, float]:
-    for i in range(3):
+
+@dataclass
+class GPUBenchRow:
+    variant: str
+    batch: int
+    bag: int
+    p50_ms: float
+    p99_ms: float
+    mrows_s: float
+    hit_rate: Optional[float]  # distinct-id hit rate; None where everything is in HBM
+    vs_device: float  # fbgemm DEVICE p50 / this p50 (1.0 = as fast)
+
+
+def _times_ms(fn: Callable[[int], object], n_batches: int, reps: int, warmup: int) -> List[float]:
+    for i in range(warmup):
         fn(i % n_batches)
     torch.cuda.synchronize()
     times = []
@@ -24,15 +49,24 @@ def _time_ms(fn: Callable[[int], object], n_batches: int, reps: int) -> Tuple[fl
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times), float(np.percentile(times, 99))
+    return times
 
 
-def run_gpu_bench(num_tables: int = 8, rows: int = 1_000_000, dim: int = 128,
-                  shapes: Sequence[Tuple[int, int]] = ((16384, 1), (16384, 32), (256, 1)), reps: int = 30,
-                  n_batches: int = 8, profile: bool = False, log: Callable[[str], None] = print) -> List[Dict]:
+def _fbgemm_tbe(specs, location, dev, budget: float):
     from fbgemm_gpu.split_embedding_configs import SparseType
-    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
     from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTableBatchedEmbeddingBagsCodegen
+
+    tbe = IntNBitTableBatchedEmbeddingBagsCodegen(
+        embedding_specs=[(name, rows, dim, SparseType.FP32, location) for name, rows, dim in specs],
+        device=dev, output_dtype=SparseType.FP32, cache_load_factor=budget, gather_uvm_cache_stats=True)
+    tbe.initialize_weights()
+    return tbe
+
+
+def run_gpu_bench(num_tables: int = 8, rows: int = 4_000_000, dim: int = 128, shapes: Sequence[Tuple[int, int]] = SHAPES,
+                  reps: int = 30, n_batches: int = 8, budget: float = 0.1, profile: bool = False,
+                  log: Callable[[str], None] = print) -> List[Dict]:
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
     from torchrec import EmbeddingBagConfig
 
     from torchrec_hps.config import CacheConfig, HPSConfig, MemoryTierConfig, StorageConfig
@@ -42,46 +76,88 @@ def run_gpu_bench(num_tables: int = 8, rows: int = 1_000_000, dim: int = 128,
     dev = torch.device("cuda")
     tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=rows, feature_names=[f"f{i}"])
               for i in range(num_tables)]
-    gen = torch.Generator().manual_seed(0)
-    weights = [torch.randn(rows, dim, generator=gen) for _ in range(num_tables)]
-    ref = IntNBitTableBatchedEmbeddingBagsCodegen(
-        embedding_specs=[(t.name, rows, dim, SparseType.FP32, EmbeddingLocation.DEVICE) for t in tables],
-        device=dev, output_dtype=SparseType.FP32)
-    ref.initialize_weights()
-    for (w, _), src in zip(ref.split_embedding_weights(), weights):
-        w.view(torch.float32)[:, :dim].copy_(src)
-    storage = StorageHierarchy.from_config(StorageConfig(memory=MemoryTierConfig(num_partitions=1)))
-    cfg = HPSConfig(model="gpubench", cache=CacheConfig(cache_ratio=1.0, hit_rate_threshold=1.0))
-    hps = HPSEmbeddingBagCollection(tables, cfg, storage=storage, device=dev)
-    for t, w in zip(tables, weights):
-        for lo in range(0, rows, 262144):
-            storage.put(f"gpubench.{t.name}", torch.arange(lo, min(lo + 262144, rows)), w[lo:lo + 262144])
-        hps.prefill(t.name, torch.arange(rows))
-    log(f"{num_tables} tables x {rows:,} rows x {dim} fp32, all rows in HBM for both")
+    specs = [(t.name, rows, dim) for t in tables]
+    device_tbe = _fbgemm_tbe(specs, EmbeddingLocation.DEVICE, dev, budget)
+    managed = _fbgemm_tbe(specs, EmbeddingLocation.MANAGED_CACHING, dev, budget)
+    storage = StorageHierarchy.from_config(StorageConfig(memory=MemoryTierConfig(num_partitions=4)))
+
+    def hps(name: str, ratio: float) -> HPSEmbeddingBagCollection:
+        cfg = HPSConfig(model="gpubench", cache=CacheConfig(cache_ratio=ratio, hit_rate_threshold=1.0))
+        return HPSEmbeddingBagCollection(tables, cfg, storage=storage, device=dev)
+
+    gen = torch.Generator(device=dev).manual_seed(0)
+    chunk = 1 << 20
+    for t, (w_dev, _), (w_uvm, _) in zip(tables, device_tbe.split_embedding_weights(), managed.split_embedding_weights()):
+        w = torch.randn(rows, dim, generator=gen, device=dev)
+        w_dev.view(torch.float32)[:, :dim].copy_(w)
+        w_uvm.view(torch.float32)[:, :dim].copy_(w)
+        for lo in range(0, rows, chunk):
+            storage.put(f"gpubench.{t.name}", torch.arange(lo, min(lo + chunk, rows)), w[lo:lo + chunk].cpu())
+        del w
+    all_cached = hps("all", 1.0)
+    for t in tables:
+        all_cached.prefill(t.name, torch.arange(rows))
+    ours_sync = hps("sync", budget)
+    log(f"{num_tables} tables x {rows:,} rows x {dim} fp32; HBM budget for the caches {budget:.0%}; "
+        f"{torch.cuda.get_device_name()}")
+
     samplers = [ZipfKeys(rows, 1.09, seed=i) for i in range(num_tables)]
-    results = []
+    results: List[GPUBenchRow] = []
     for batch, bag in shapes:
         kjts = [zipf_kjt(samplers, [t.feature_names[0] for t in tables], batch, bag).to(dev) for _ in range(n_batches)]
         idx = [(k.values().int(), k.offsets().int()) for k in kjts]
-        torch.testing.assert_close(hps(kjts[0]).values(), ref(*idx[0]), rtol=1e-5, atol=1e-5)
-        ours_ms, ours_p99 = _time_ms(lambda i: hps(kjts[i]), n_batches, reps)
-        ref_ms, ref_p99 = _time_ms(lambda i: ref(*idx[i]), n_batches, reps)
+        distinct = [sum(int(torch.unique(v).numel()) for v in k.values().view(num_tables, -1)) for k in kjts]
+        expect = device_tbe(*idx[0])
         n_rows = num_tables * batch * bag
-        r = {"batch": batch, "bag": bag, "ours_ms": ours_ms, "ours_p99_ms": ours_p99, "fbgemm_device_ms": ref_ms,
-             "fbgemm_p99_ms": ref_p99, "ours_mrows_s": n_rows / ours_ms / 1e3, "fbgemm_mrows_s": n_rows / ref_ms / 1e3,
-             "ratio": ref_ms / ours_ms}
-        results.append(r)
-        if profile and (batch, bag) == tuple(shapes[0]):
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                    torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for i in range(5):
-                    hps(kjts[i % n_batches])
-                torch.cuda.synchronize()
-            log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=50))
-        log(f"B={batch:6d} L={bag:3d}  ours {ours_ms:.3f} ms ({r['ours_mrows_s']:.0f} Mrows/s, p99 {ours_p99:.3f})  "
-            f"fbgemm DEVICE {ref_ms:.3f} ms ({r['fbgemm_mrows_s']:.0f} Mrows/s)  ours/fbgemm speed {r['ratio']:.2f}x")
-    graphs = [g.graphs for g in hps.engine.groups if g.graphs is not None]
-    log(f"CUDA graph replays {sum(g.replays for g in graphs)}, eager fallbacks {sum(g.fallbacks for g in graphs)}")
-    hps.close()
+        shape_rows: List[GPUBenchRow] = []
+
+        def add(variant: str, times: List[float], hit_rate: Optional[float]) -> None:
+            p50 = statistics.median(times)
+            device_p50 = shape_rows[0].p50_ms if shape_rows else p50
+            shape_rows.append(GPUBenchRow(variant, batch, bag, p50, float(np.percentile(times, 99)),
+                                          n_rows / p50 / 1e3, hit_rate, device_p50 / p50))
+
+        add("fbgemm DEVICE", _times_ms(lambda i: device_tbe(*idx[i]), n_batches, reps, 3), None)
+        torch.testing.assert_close(managed(*idx[0]), expect, rtol=1e-5, atol=1e-5)
+        _times_ms(lambda i: managed(*idx[i]), n_batches, 0, 2 * n_batches)
+        managed.reset_uvm_cache_stats()
+        times = _times_ms(lambda i: managed(*idx[i]), n_batches, reps, 0)
+        st = managed.get_uvm_cache_stats().tolist()  # [calls, requested, unique, unique misses, ...]
+        add("fbgemm MANAGED_CACHING", times, 1 - st[3] / max(st[2], 1))
+        torch.testing.assert_close(all_cached(kjts[0]).values(), expect, rtol=1e-5, atol=1e-5)
+        add("ours all cached", _times_ms(lambda i: all_cached(kjts[i]), n_batches, reps, 3), None)
+        _times_ms(lambda i: ours_sync(kjts[i]), n_batches, 0, 2 * n_batches)
+        before = _unique_misses(ours_sync)
+        times = _times_ms(lambda i: ours_sync(kjts[i]), n_batches, reps, 0)
+        misses = _unique_misses(ours_sync) - before
+        add("ours sync", times, 1 - misses / sum(distinct[i % n_batches] for i in range(reps)))
+        torch.testing.assert_close(ours_sync(kjts[0]).values(), expect, rtol=1e-5, atol=1e-5)
+        mc = shape_rows[1].p50_ms
+        for r in shape_rows:
+            log(f"B={batch:6d} L={bag:3d}  {r.variant:22s} p50 {r.p50_ms:7.3f} ms  p99 {r.p99_ms:7.3f} ms  "
+                f"{r.mrows_s:8.0f} Mrows/s  hit {'-' if r.hit_rate is None else f'{r.hit_rate:.3f}':>5s}  "
+                f"x DEVICE {r.vs_device:.2f}  x MANAGED_CACHING {mc / r.p50_ms:.2f}")
+        results += shape_rows
+        if profile:
+            for name, module in (("ours all cached", all_cached), ("ours sync", ours_sync)):
+                _profile(name, lambda i: module(kjts[i % n_batches]), f"B={batch} L={bag}", log)
+    paths = [g.all_hit for m in (all_cached, ours_sync) for g in m.engine.groups if g.all_hit is not None]
+    log(f"all-hit path: served {sum(p.served for p in paths)}, fell back {sum(p.fallbacks for p in paths)}")
+    for m in (all_cached, ours_sync):
+        m.close()
     storage.close()
-    return results
+    return [asdict(r) for r in results]
+
+
+def _unique_misses(module) -> int:
+    return sum(s["unique_misses"] for k, s in module.stats().items() if k != "_module")
+
+
+def _profile(name: str, fn: Callable[[int], object], shape: str, log: Callable[[str], None]) -> None:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for i in range(4):
+            fn(i)
+        torch.cuda.synchronize()
+    log(f"profile: {name}, {shape}, 4 calls")
+    log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=48))

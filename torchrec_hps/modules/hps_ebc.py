@@ -17,7 +17,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_hps.config import HPSConfig
 from torchrec_hps.modules.engine import HPSEngine
-from torchrec_hps.modules.ops import engine_spec, register_engine
+from torchrec_hps.modules.ops import engine_spec, in_process_lookup, register_engine
 from torchrec_hps.storage.hierarchy import StorageHierarchy
 
 
@@ -25,6 +25,10 @@ from torchrec_hps.storage.hierarchy import StorageHierarchy
 def hps_pooled_lookup(features: KeyedJaggedTensor, handle: str) -> torch.Tensor:
     # fx.wrap (which patches this module's globals, so it lives here, next to its caller): FX records one
     # call instead of tracing into the KJT, whose keys are known only at runtime
+    if not torch.jit.is_scripting():
+        out = in_process_lookup(features, handle)
+        if out is not None:
+            return out
     return torch.ops.torchrec_hps.pooled_lookup(features.values(), features.lengths(), features.weights_or_none(),
                                                 ",".join(features.keys()), handle)
 

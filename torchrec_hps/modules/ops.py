@@ -18,6 +18,8 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
+
 from torchrec_hps.config import HPSConfig, hps_config_from_dict
 
 if TYPE_CHECKING:
@@ -65,6 +67,17 @@ def _engine_for(handle: str) -> "HPSEngine":
 def _spec_dims(handle: str) -> int:
     data = json.loads(handle.rsplit("#", 1)[0])
     return sum(t["embedding_dim"] * len(t["feature_names"]) for t in data["tables"])
+
+
+@torch.jit.unused
+def in_process_lookup(features: KeyedJaggedTensor, handle: str) -> Optional[torch.Tensor]:
+    """Eager Python callers skip the op (its dispatch and the KJT rebuild cost as much as a small lookup):
+    the engine is called directly unless something is tracing or compiling (then the op must be seen)."""
+    values = features.values()
+    if (type(values) is not torch.Tensor or torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
+            or _current_dispatch_mode() is not None):
+        return None
+    return _engine_for(handle).lookup(features)
 
 
 @torch.library.custom_op("torchrec_hps::pooled_lookup", mutates_args=())

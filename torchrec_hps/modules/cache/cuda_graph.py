@@ -1,13 +1,20 @@
-"""CUDA-graph replay of a cache group's all-hit lookup (GPU only).
+"""The all-hit lookup of a cache group as one CUDA graph plus one direct TBE call, with the host's only
+wait overlapped with the TBE.
 
-Per (batch size, id-count bucket) two graphs are captured over static buffers:
-- `compute`: remap ids to slots, flag misses and invalid ids, run the TBE; it changes no state;
-- `commit`: the side effects of an all-hit lookup (id counters, LRU/LFU touch).
-A lookup copies its ids into the buffers (padding up to the bucket goes to a dummy feature whose ids land
-on a sentinel remap entry that is never a miss), replays `compute`, reads the two flags (the one host sync),
-and either replays `commit` and returns, or returns None so the eager path handles misses or bad ids (the
-graph changed nothing). The graphs read the remap and the TBE weights in place, so inserts and evictions
-done by the eager path need no re-capture.
+Per (batch size, id-count bucket) a graph is captured over static buffers. From a KJT's ids and lengths it
+computes everything the engine's checks and the cache's remap compute on the eager path: per-feature id
+counts, offsets, the range check, ids -> slots, and three flags (an id missed the cache, an id is out of
+range, lengths and ids disagree); it commits the lookup's side effects (LRU/LFU touch, id counters, the
+counters masked to zero unless every flag is clear) and copies the flags to pinned host memory. The TBE then
+runs outside the graph on the slots (so its output is a fresh tensor, not a graph buffer to copy out), and
+the host reads the flags, which landed while the TBE was queued: all clear -> return the TBE's output;
+otherwise the caller falls back to the eager path, which redoes the lookup with misses fetched or errors
+raised (touching the same slots again with the same tick is harmless).
+
+Inputs are sanitized inside the graph (ids out of range or past the batch go to a sentinel remap entry,
+offsets are clamped to the batch), so nothing reads out of bounds whatever the input; bad input only sets
+a flag. The graph reads the remap and the TBE weights in place: inserts and evictions need no re-capture.
+Without CUDA graphs (config, or a CPU group in tests) the same computation runs eagerly.
 """
 from __future__ import annotations
 
@@ -20,111 +27,137 @@ if TYPE_CHECKING:
     from torchrec_hps.modules.cache.tbe_cache import TBECacheGroup
 
 MIN_BUCKET = 1024
+FLAG_MISS, FLAG_INVALID, FLAG_LAYOUT = 1, 2, 4
 
 
 def bucket_for(n: int) -> int:
     return max(MIN_BUCKET, 1 << max(0, (n - 1).bit_length()))
 
 
-class _Captured:
-    def __init__(self, group: "TBECacheGroup", batch: int, bucket: int, weighted: bool) -> None:
-        from torchrec_hps.modules.cache.tbe_cache import ABSENT_SLOT, MISS_SLOT
+class _Shape:
+    """Static buffers (and the graph, if any) for one (batch, bucket)."""
 
-        self.group, self.bucket = group, bucket
+    def __init__(self, group: "TBECacheGroup", batch: int, bucket: int, use_graph: bool) -> None:
         dev = group.device
-        n_features = group.n_features
+        cuda = dev.type == "cuda"
+        self.batch, self.bucket = batch, bucket
         self.values = torch.zeros(bucket, dtype=torch.int64, device=dev)
-        self.invalid = torch.zeros(bucket, dtype=torch.bool, device=dev)
-        self.counts = torch.zeros(n_features + 1, dtype=torch.int64, device=dev)
-        self.counts[n_features] = bucket
-        self.offsets = torch.zeros(n_features * batch + 1, dtype=torch.int64, device=dev)
-        self.weights = torch.zeros(bucket, dtype=torch.float32, device=dev) if weighted else None
-        self.tick = torch.zeros((), dtype=torch.int64, device=dev)
-        g = group
+        self.lengths = torch.zeros(group.n_features * batch, dtype=torch.int64, device=dev)
+        self.positions = torch.arange(bucket, dtype=torch.int64, device=dev)
+        self.feature_ends = torch.arange(1, group.n_features + 1, dtype=torch.int64, device=dev) * batch
+        # [n, tick] written by the host, read by the graph (a captured copy from pinned memory)
+        self.scalars_host = torch.zeros(2, dtype=torch.int64, pin_memory=cuda)
+        self.scalars_np = self.scalars_host.numpy()
+        self.scalars = torch.zeros(2, dtype=torch.int64, device=dev)
+        self.flags_host = torch.zeros(1, dtype=torch.int32, pin_memory=cuda)
+        self.flags_np = self.flags_host.numpy()
+        self.event = torch.cuda.Event() if cuda else None
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.slots = self.offsets = self.counts = None  # outputs of compute()
+        if use_graph:
+            self._capture(group)
 
-        def compute():
-            fidx = torch.repeat_interleave(g._feature_arange, self.counts, output_size=bucket)
-            flat = torch.where(self.invalid, torch.zeros_like(self.values), self.values) + g._feature_base[fidx]
-            slots = g.remap[flat]
-            miss = (slots == MISS_SLOT) & ~self.invalid
-            flags = torch.stack([miss.any(), self.invalid.any()])
-            out = g.tbe(torch.where(self.invalid, torch.full_like(slots, ABSENT_SLOT), slots), self.offsets,
-                        self.weights)
-            return fidx, slots, flags, out
+    def compute(self, g: "TBECacheGroup") -> None:
+        from torchrec_hps.modules.cache.tbe_cache import MISS_SLOT
 
-        def commit():
-            g._ids.index_add_(0, g._feature_table, self.counts)
-            gslots = self.slots.to(torch.int64) + g._feature_slot_base[self.fidx]
-            g.last_access[gslots] = self.tick
-            if g.config.eviction == "lfu":
-                g.freq.index_add_(0, gslots, torch.ones_like(gslots))
+        F, B = g.n_features, self.batch
+        self.scalars.copy_(self.scalars_host, non_blocking=True)
+        n, tick = self.scalars[0], self.scalars[1]
+        lengths = self.lengths
+        counts = lengths.view(F, B).sum(1)
+        layout_bad = counts.sum() != n
+        if F * B:
+            layout_bad = layout_bad | (lengths.amin() < 0)
+        # offsets made safe whatever the input (non-decreasing, within the batch's ids); each position's
+        # feature follows from them, so the TBE reads every slot against the table of the bag it sits in
+        offsets = torch.minimum(torch.ops.fbgemm.asynchronous_complete_cumsum(lengths.clamp(min=0)), n)
+        fidx = torch.searchsorted(offsets[self.feature_ends], self.positions, right=True)  # F: past the ids
+        live = self.positions < n
+        values = self.values
+        in_range = (values >= 0) & (values < g._feature_rows[fidx])  # the dummy feature F has 0 rows
+        flat = torch.where(live & in_range, values + g._feature_base[fidx], g._feature_base[F])  # sentinel
+        slots = g.remap[flat]
+        flags = ((slots == MISS_SLOT).any().to(torch.int32) * FLAG_MISS
+                 + (live & ~in_range).any().to(torch.int32) * FLAG_INVALID
+                 + layout_bad.to(torch.int32) * FLAG_LAYOUT)
+        self.flags_host.copy_(flags.view(1), non_blocking=True)
+        ok = (flags == 0).to(torch.int64)
+        self.offsets = offsets.to(torch.int32)
+        self.slots, self.counts = slots, counts
+        # the lookup's side effects: counters only if it is served here, LRU/LFU touch regardless (the
+        # eager fallback touches the same slots with the same tick)
+        g._ids.index_add_(0, g._feature_table[:F], counts * ok)
+        gslots = slots.to(torch.int64) + g._feature_slot_base[fidx]
+        g.last_access.index_put_((gslots,), tick.expand(gslots.shape))
+        if g.config.eviction == "lfu":
+            g.freq.index_add_(0, gslots, ok.expand(gslots.shape))
 
-        # warm up on a side stream (lazy allocations, library handles), then capture; the buffers hold a
-        # batch of empty bags, so the warm-up changes no counter or slot of a real table
+    def _capture(self, g: "TBECacheGroup") -> None:
+        dev = g.device
+        # warm up on a side stream (lazy allocations, library handles): the buffers hold an empty batch,
+        # so this changes no counter and touches only a reserved slot
         stream = torch.cuda.Stream(device=dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream):
-            self.fidx, self.slots, self.flags, self.out = compute()
-            commit()
+            self.compute(g)
         torch.cuda.current_stream(dev).wait_stream(stream)
-        # thread_local: other threads (the background inserter, other groups) keep using CUDA meanwhile.
-        # No garbage collection during capture: collecting an old engine destroys its CUDA graphs, which
-        # invalidates a capture in progress (seen on the H100: "operation failed due to a previous error
-        # during capture" in the TBE, depending on GC timing).
+        torch.cuda.synchronize(dev)
+        # thread_local: other threads (the background inserter) keep using CUDA meanwhile. No garbage
+        # collection during capture: collecting an old engine destroys its CUDA graphs, which invalidates a
+        # capture in progress (seen on the H100, depending on GC timing).
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
-            self.compute_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.compute_graph, capture_error_mode="thread_local"):
-                self.fidx, self.slots, self.flags, self.out = compute()
-            self.commit_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.commit_graph, capture_error_mode="thread_local"):
-                commit()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.compute(g)
         finally:
             if gc_was_enabled:
                 gc.enable()
         torch.cuda.synchronize(dev)
 
 
-class GraphedAllHitPath:
-    def __init__(self, group: "TBECacheGroup") -> None:
+class AllHitPath:
+    """Serves a group's lookups whose ids all hit the cache; says which other case it found otherwise."""
+
+    def __init__(self, group: "TBECacheGroup", use_graphs: bool) -> None:
         self.group = group
-        self._captures: Dict[Tuple[int, int, bool], _Captured] = {}
-        self.replays = 0
+        self.use_graphs = use_graphs
+        self._shapes: Dict[Tuple[int, int], _Shape] = {}
+        self.served = 0
         self.fallbacks = 0
 
     def release(self) -> None:
         """Drop the captured graphs (outside any capture, so their destruction is safe)."""
-        self._captures.clear()
+        self._shapes.clear()
 
-    def lookup(self, values: torch.Tensor, offsets: torch.Tensor, weights: Optional[torch.Tensor],
-               counts: torch.Tensor, invalid: Optional[torch.Tensor], tick: int) -> Tuple[Optional[torch.Tensor], bool]:
-        """(pooled output, False) when every id hit; (None, any_invalid) when the eager path must run."""
+    def lookup(self, values: torch.Tensor, lengths: torch.Tensor, weights: Optional[torch.Tensor],
+               tick: int) -> Tuple[Optional[torch.Tensor], int, _Shape]:
+        """(pooled output or None, flags, the shape's buffers). Output only when flags == 0. Needs
+        lengths.numel() == n_features * batch (the caller checks)."""
+        g = self.group
         n = values.numel()
-        n_features = self.group.n_features
-        batch = (offsets.numel() - 1) // max(n_features, 1)
-        key = (batch, bucket_for(n), weights is not None)
-        cap = self._captures.get(key)
-        if cap is None:
-            cap = self._captures[key] = _Captured(self.group, batch, key[1], weights is not None)
-        cap.values[:n].copy_(values)
-        cap.values[n:].zero_()
-        if invalid is not None:
-            cap.invalid[:n].copy_(invalid)
+        batch = lengths.numel() // g.n_features
+        key = (batch, bucket_for(n))
+        shape = self._shapes.get(key)
+        if shape is None:
+            shape = self._shapes[key] = _Shape(g, batch, key[1], self.use_graphs)
+        shape.values[:n].copy_(values)
+        shape.lengths.copy_(lengths)
+        shape.scalars_np[0] = n
+        shape.scalars_np[1] = tick
+        if shape.graph is not None:
+            shape.graph.replay()
         else:
-            cap.invalid[:n].zero_()
-        cap.invalid[n:].zero_()
-        cap.counts[:n_features].copy_(counts)
-        cap.counts[n_features].fill_(cap.bucket - n)
-        cap.offsets.copy_(offsets)
-        if weights is not None:
-            cap.weights[:n].copy_(weights)
-        cap.tick.fill_(tick)
-        cap.compute_graph.replay()
-        any_miss, any_invalid = cap.flags.tolist()
-        if any_miss or any_invalid:
+            shape.compute(g)
+        if shape.event is not None:
+            shape.event.record()
+        out = g.pooled_lookup(shape.slots[:n], shape.offsets, weights)  # queued behind the flags' copy
+        if shape.event is not None:
+            shape.event.synchronize()
+        flags = int(shape.flags_np[0])
+        if flags:
             self.fallbacks += 1
-            return None, bool(any_invalid)
-        cap.commit_graph.replay()
-        self.replays += 1
-        return cap.out.clone(), False
+            return None, flags, shape
+        self.served += 1
+        return out, 0, shape

@@ -23,8 +23,9 @@ import torch
 
 from torchrec_hps.config import CacheConfig, TableSpec
 from torchrec_hps.eviction import FreeSlots, choose_victims
-from torchrec_hps.modules.cache.cuda_graph import GraphedAllHitPath
+from torchrec_hps.modules.cache.cuda_graph import FLAG_MISS, AllHitPath
 from torchrec_hps.modules.cache.interface import EmbeddingCacheGroup
+from torchrec_hps.modules.cache.tbe_direct import bind_pooled_lookup
 from torchrec_hps.storage.hierarchy import StorageHierarchy
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class _TableSlots:
 
 
 class TBECacheGroup(EmbeddingCacheGroup):
-    """Cached tables of one pooling mode behind one fbgemm IntNBit TBE (FP32 rows)."""
+    """Cached tables of one pooling mode behind one fbgemm IntNBit TBE (FP32 or FP16 rows, FP32 output)."""
 
     def __init__(
         self,
@@ -85,8 +86,10 @@ class TBECacheGroup(EmbeddingCacheGroup):
         self.device = device
         self.capacities = [config.rows_for(s.num_rows) for s in self.specs]
         location = EmbeddingLocation.DEVICE if device.type == "cuda" else EmbeddingLocation.HOST
+        row_type, row_dtype = (SparseType.FP16, torch.float16) if config.cache_dtype == "fp16" else \
+            (SparseType.FP32, torch.float32)
         self.tbe = IntNBitTableBatchedEmbeddingBagsCodegen(
-            embedding_specs=[(s.name, c + RESERVED_SLOTS, s.dim, SparseType.FP32, location)
+            embedding_specs=[(s.name, c + RESERVED_SLOTS, s.dim, row_type, location)
                              for s, c in zip(self.specs, self.capacities)],
             feature_table_map=list(feature_tables),
             pooling_mode=pooling_mode,
@@ -95,7 +98,8 @@ class TBECacheGroup(EmbeddingCacheGroup):
             bounds_check_mode=BoundsCheckMode.NONE,  # ids are checked by the module, slots are ours
         )
         self.tbe.initialize_weights()
-        self.weights = [w.view(torch.float32)[:, :s.dim] for (w, _), s in zip(self.tbe.split_embedding_weights(), self.specs)]
+        self.weights = [w.view(row_dtype)[:, :s.dim] for (w, _), s in zip(self.tbe.split_embedding_weights(), self.specs)]
+        self.pooled_lookup = bind_pooled_lookup(self.tbe)
         for w in self.weights:
             w.fill_(config.default_value)
         bases = np.concatenate([[0], np.cumsum([s.num_rows for s in self.specs])])
@@ -119,6 +123,7 @@ class TBECacheGroup(EmbeddingCacheGroup):
         self.register_buffer("_feature_base", per_feature(self.key_base[ft], int(bases[-1])), persistent=False)
         self.register_buffer("_feature_slot_base", per_feature(slot_bases[ft], 0), persistent=False)
         self.register_buffer("_feature_table", per_feature(ft, len(self.specs)), persistent=False)
+        self.register_buffer("_feature_rows", per_feature([self.specs[t].num_rows for t in ft], 0), persistent=False)
         self.register_buffer("_feature_arange", torch.arange(n_features + 1, device=device), persistent=False)
         # LRU/LFU state and hit counters on the device, so the all-hit path never waits for the host
         self.register_buffer("last_access", torch.zeros(int(slot_bases[-1]), dtype=torch.int64, device=device),
@@ -135,7 +140,8 @@ class TBECacheGroup(EmbeddingCacheGroup):
         self._tick = 0
         self._rng = np.random.default_rng(0)
         self.inserter: Optional["AsyncInserter"] = None
-        self.graphs = GraphedAllHitPath(self) if device.type == "cuda" and config.cuda_graphs else None
+        # on CUDA, lookups try the all-hit path first (one graph replay or its eager twin, one overlapped wait)
+        self.all_hit = AllHitPath(self, use_graphs=config.cuda_graphs) if device.type == "cuda" else None
 
     # ---- the lookup ----
     def forward(self, values: torch.Tensor, offsets: torch.Tensor, per_sample_weights: Optional[torch.Tensor],
@@ -147,14 +153,22 @@ class TBECacheGroup(EmbeddingCacheGroup):
         cached this is a handful of device ops, one host sync (anything missing or invalid?) and the TBE."""
         with self.lock:
             self._tick += 1
-            if self.graphs is not None:
-                out, any_invalid = self.graphs.lookup(values, offsets, per_sample_weights, feature_counts, invalid,
-                                                      self._tick)
-                if out is not None:
-                    return out
-                if any_invalid and invalid_is_error:
-                    raise InvalidIdsError("ids out of range")
             return self._eager(values, offsets, per_sample_weights, feature_counts, invalid, invalid_is_error)
+
+    def lookup_kjt(self, values: torch.Tensor, lengths: torch.Tensor,
+                   per_sample_weights: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The fast path (CUDA): a KJT's ids and lengths (features in this group's order, checks not yet
+        done) -> pooled output, or None when the input needs the engine's checks (bad lengths or ids). Misses
+        are handled here: the graph has validated the input, so the eager path runs without re-checking."""
+        with self.lock:
+            self._tick += 1
+            out, flags, shape = self.all_hit.lookup(values, lengths, per_sample_weights, self._tick)
+            if out is not None:
+                return out
+            if flags != FLAG_MISS:
+                return None
+            n = values.numel()
+            return self._eager(shape.values[:n], shape.offsets, per_sample_weights, shape.counts, None, False)
 
     def _eager(self, values: torch.Tensor, offsets: torch.Tensor, per_sample_weights: Optional[torch.Tensor],
                feature_counts: torch.Tensor, invalid: Optional[torch.Tensor], invalid_is_error: bool) -> torch.Tensor:
@@ -182,7 +196,7 @@ class TBECacheGroup(EmbeddingCacheGroup):
             self._touch(slots, fidx)
         if invalid is not None:
             slots = torch.where(invalid, torch.full_like(slots, ABSENT_SLOT), slots)
-        out = self.tbe(slots, offsets, per_sample_weights)
+        out = self.pooled_lookup(slots, offsets.to(slots.dtype), per_sample_weights)
         for t, rows_by_id in overflow.items():
             out = self._overwrite_uncached(out, t, flat, slots, rows_by_id, offsets, per_sample_weights,
                                            feature_counts)
@@ -260,7 +274,7 @@ class TBECacheGroup(EmbeddingCacheGroup):
             return 0
         slots = ts.free.pop(n)
         slots_dev = torch.from_numpy(slots).to(self.device)
-        self.weights[t][slots_dev] = rows[:n].to(self.device)
+        self._write_rows(t, slots_dev, rows[:n])
         self.remap[torch.from_numpy(keys[:n] + self.key_base[t]).to(self.device)] = slots_dev.to(torch.int32)
         ts.key_of_slot[slots] = keys[:n]
         gslots = slots_dev + ts.base
@@ -268,6 +282,9 @@ class TBECacheGroup(EmbeddingCacheGroup):
         self.freq[gslots] = 1
         self.stats_[t].inserted += n
         return n
+
+    def _write_rows(self, t: int, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        self.weights[t][slots] = rows.to(self.device, self.weights[t].dtype)
 
     def _release(self, t: int, slots: np.ndarray) -> None:
         ts = self.slots[t]
@@ -303,7 +320,7 @@ class TBECacheGroup(EmbeddingCacheGroup):
         base = int(self.key_base[t])
         left_keys = torch.from_numpy(np.sort(left["keys"]) + base).to(flat.device)
         order = torch.from_numpy(np.argsort(left["keys"], kind="stable")).to(flat.device)
-        table = torch.cat([self.weights[t], left["rows"].to(self.weights[t].device)[order]])
+        table = torch.cat([self.weights[t].float(), left["rows"].to(self.weights[t].device)[order]])
         n_cache = self.weights[t].shape[0]
         # ids that did not fit -> rows appended after the cache's slots (found by binary search)
         pos = torch.searchsorted(left_keys, flat).clamp(max=len(left_keys) - 1)
@@ -342,7 +359,7 @@ class TBECacheGroup(EmbeddingCacheGroup):
             gkeys = torch.from_numpy(keys + self.key_base[t]).to(self.device)
             cur = self.remap[gkeys]
             cached = cur >= RESERVED_SLOTS
-            self.weights[t][cur[cached].to(torch.int64)] = rows.to(self.device)[cached]
+            self._write_rows(t, cur[cached].to(torch.int64), rows.to(self.device)[cached])
             self.remap[gkeys[cur == ABSENT_SLOT]] = MISS_SLOT
             return int(cached.sum())
 
@@ -368,7 +385,7 @@ class TBECacheGroup(EmbeddingCacheGroup):
             keys = ts.key_of_slot[slots]
             res = self.storage.get(self.specs[t].key, torch.from_numpy(keys))
             found = res.found.numpy()
-            self.weights[t][torch.from_numpy(slots[found]).to(self.device)] = res.rows[res.found].to(self.device)
+            self._write_rows(t, torch.from_numpy(slots[found]).to(self.device), res.rows[res.found])
             self._release(t, slots[~found])
             return int(found.sum())
 
@@ -377,9 +394,9 @@ class TBECacheGroup(EmbeddingCacheGroup):
         return np.sort(ts.key_of_slot[ts.key_of_slot >= 0])
 
     def close(self) -> None:
-        if self.graphs is not None:
-            self.graphs.release()
-            self.graphs = None
+        if self.all_hit is not None:
+            self.all_hit.release()
+            self.all_hit = None
 
     def table_stats(self, t: int) -> Dict[str, float]:
         d = self.stats_[t].as_dict()

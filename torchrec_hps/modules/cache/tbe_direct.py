@@ -1,0 +1,48 @@
+"""fbgemm's IntNBit TBE lookup without its Python forward.
+
+`IntNBitTableBatchedEmbeddingBagsCodegen.forward` moves inputs to the device, checks bounds, applies
+pruning remaps and pops prefetched cache locations before calling its op; a cache group's slots need none
+of that (they are ours, always in range, and the TBE has no fbgemm cache), and at small batches that Python
+costs as much as the kernel. So the group binds the op's arguments once and calls it directly.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+PooledLookup = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+def bind_pooled_lookup(tbe: torch.nn.Module) -> PooledLookup:
+    """A function (indices, offsets, per_sample_weights) -> pooled output [B, total_D] over `tbe`'s weights,
+    the same computation as `tbe(indices, offsets, per_sample_weights)` (same kernel and arguments)."""
+    op = torch.ops.fbgemm.int_nbit_split_embedding_codegen_lookup_function
+    bound = dict(
+        dev_weights=tbe.weights_host if tbe.host_size > 0 else tbe.weights_dev,
+        uvm_weights=tbe.weights_uvm,
+        weights_placements=tbe.weights_placements,
+        weights_offsets=tbe.weights_offsets,
+        weights_tys=tbe.weights_tys,
+        D_offsets=tbe.D_offsets,
+        total_D=tbe.total_D,
+        max_int2_D=tbe.max_int2_D,
+        max_int4_D=tbe.max_int4_D,
+        max_int8_D=tbe.max_int8_D,
+        max_float16_D=tbe.max_float16_D,
+        max_float32_D=tbe.max_float32_D,
+        pooling_mode=int(tbe.pooling_mode),
+        output_dtype=tbe.output_dtype,
+        lxu_cache_weights=tbe.lxu_cache_weights,
+        lxu_cache_locations=torch.empty(0, dtype=torch.int32, device=tbe.weights_placements.device).fill_(-1),
+        row_alignment=tbe.row_alignment,
+        max_float8_D=tbe.max_float8_D,
+        fp8_exponent_bits=tbe.fp8_exponent_bits,
+        fp8_exponent_bias=tbe.fp8_exponent_bias,
+    )
+
+    def pooled_lookup(indices: torch.Tensor, offsets: torch.Tensor,
+                      per_sample_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return op(indices=indices, offsets=offsets, indice_weights=per_sample_weights, **bound)
+
+    return pooled_lookup
