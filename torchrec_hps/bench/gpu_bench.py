@@ -85,6 +85,8 @@ def run_gpu_bench(num_tables: int = 8, rows: int = 4_000_000, dim: int = 128, sh
         cfg = HPSConfig(model="gpubench", cache=CacheConfig(cache_ratio=ratio, hit_rate_threshold=1.0))
         return HPSEmbeddingBagCollection(tables, cfg, storage=storage, device=dev)
 
+    all_cached = hps("all", 1.0)  # registers the tables with the storage
+    ours_sync = hps("sync", budget)
     gen = torch.Generator(device=dev).manual_seed(0)
     chunk = 1 << 20
     for t, (w_dev, _), (w_uvm, _) in zip(tables, device_tbe.split_embedding_weights(), managed.split_embedding_weights()):
@@ -94,10 +96,8 @@ def run_gpu_bench(num_tables: int = 8, rows: int = 4_000_000, dim: int = 128, sh
         for lo in range(0, rows, chunk):
             storage.put(f"gpubench.{t.name}", torch.arange(lo, min(lo + chunk, rows)), w[lo:lo + chunk].cpu())
         del w
-    all_cached = hps("all", 1.0)
     for t in tables:
         all_cached.prefill(t.name, torch.arange(rows))
-    ours_sync = hps("sync", budget)
     log(f"{num_tables} tables x {rows:,} rows x {dim} fp32; HBM budget for the caches {budget:.0%}; "
         f"{torch.cuda.get_device_name()}")
 

@@ -61,6 +61,8 @@ class HPSEngine:
         self._is_weighted = is_weighted
         self.config = config
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda" -> "cuda:N", as tensors report it
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.storage = storage if storage is not None else StorageHierarchy.from_config(config.storage)
         self._owns_storage = storage is None
         self.specs = [TableSpec(config.model, t.name, t.num_embeddings, t.embedding_dim) for t in tables]
