@@ -3,13 +3,13 @@ wait overlapped with the TBE.
 
 Per (batch size, id-count bucket) a graph is captured over static buffers. From a KJT's ids and lengths it
 computes everything the engine's checks and the cache's remap compute on the eager path: per-feature id
-counts, offsets, the range check, ids -> slots, and three flags (an id missed the cache, an id is out of
-range, lengths and ids disagree); it commits the lookup's side effects (LRU/LFU touch, id counters, the
-counters masked to zero unless every flag is clear) and copies the flags to pinned host memory. The TBE then
+counts, offsets, and, in one fused kernel (remap_kernel.py), the range check, ids -> slots and the LRU/LFU
+touch; three flags (an id missed the cache, an id is out of range, lengths and ids disagree) go to pinned
+host memory, and the id counters are added only if every flag is clear. The TBE then
 runs outside the graph on the slots (so its output is a fresh tensor, not a graph buffer to copy out), and
 the host reads the flags, which landed while the TBE was queued: all clear -> return the TBE's output;
 otherwise the caller falls back to the eager path, which redoes the lookup with misses fetched or errors
-raised (touching the same slots again with the same tick is harmless).
+raised (a miss fallback skips its first touch; the slots were touched here with the same tick).
 
 Inputs are sanitized inside the graph (ids out of range or past the batch go to a sentinel remap entry,
 offsets are clamped to the batch), so nothing reads out of bounds whatever the input; bad input only sets
@@ -22,6 +22,8 @@ import gc
 from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import torch
+
+from torchrec_hps.modules.cache.remap_kernel import remap_and_touch
 
 if TYPE_CHECKING:
     from torchrec_hps.modules.cache.tbe_cache import TBECacheGroup
@@ -43,7 +45,8 @@ class _Shape:
         self.batch, self.bucket = batch, bucket
         self.values = torch.zeros(bucket, dtype=torch.int64, device=dev)
         self.lengths = torch.zeros(group.n_features * batch, dtype=torch.int64, device=dev)
-        self.positions = torch.arange(bucket, dtype=torch.int64, device=dev)
+        self.slots = torch.ones(bucket, dtype=torch.int32, device=dev)
+        self.flags = torch.zeros(1, dtype=torch.int32, device=dev)
         self.feature_ends = torch.arange(1, group.n_features + 1, dtype=torch.int64, device=dev) * batch
         # [n, tick] written by the host, read by the graph (a captured copy from pinned memory)
         self.scalars_host = torch.zeros(2, dtype=torch.int64, pin_memory=cuda)
@@ -53,16 +56,14 @@ class _Shape:
         self.flags_np = self.flags_host.numpy()
         self.event = torch.cuda.Event() if cuda else None
         self.graph: Optional[torch.cuda.CUDAGraph] = None
-        self.slots = self.offsets = self.counts = None  # outputs of compute()
+        self.offsets = self.counts = None  # outputs of compute()
         if use_graph:
             self._capture(group)
 
     def compute(self, g: "TBECacheGroup") -> None:
-        from torchrec_hps.modules.cache.tbe_cache import MISS_SLOT
-
         F, B = g.n_features, self.batch
         self.scalars.copy_(self.scalars_host, non_blocking=True)
-        n, tick = self.scalars[0], self.scalars[1]
+        n = self.scalars[0]
         lengths = self.lengths
         counts = lengths.view(F, B).sum(1)
         layout_bad = counts.sum() != n
@@ -71,26 +72,14 @@ class _Shape:
         # offsets made safe whatever the input (non-decreasing, within the batch's ids); each position's
         # feature follows from them, so the TBE reads every slot against the table of the bag it sits in
         offsets = torch.minimum(torch.ops.fbgemm.asynchronous_complete_cumsum(lengths.clamp(min=0)), n)
-        fidx = torch.searchsorted(offsets[self.feature_ends], self.positions, right=True)  # F: past the ids
-        live = self.positions < n
-        values = self.values
-        in_range = (values >= 0) & (values < g._feature_rows[fidx])  # the dummy feature F has 0 rows
-        flat = torch.where(live & in_range, values + g._feature_base[fidx], g._feature_base[F])  # sentinel
-        slots = g.remap[flat]
-        flags = ((slots == MISS_SLOT).any().to(torch.int32) * FLAG_MISS
-                 + (live & ~in_range).any().to(torch.int32) * FLAG_INVALID
-                 + layout_bad.to(torch.int32) * FLAG_LAYOUT)
-        self.flags_host.copy_(flags.view(1), non_blocking=True)
-        ok = (flags == 0).to(torch.int64)
+        self.flags.zero_()
+        remap_and_touch(self.values, self.scalars, offsets[self.feature_ends], g.remap_tables, self.slots, self.flags)
+        self.flags.bitwise_or_(layout_bad.to(torch.int32).view(1) * FLAG_LAYOUT)
+        self.flags_host.copy_(self.flags, non_blocking=True)
+        # id counters only if the lookup is served here (the eager fallback counts it otherwise)
+        g._ids.index_add_(0, g._feature_table[:F], counts * (self.flags == 0).to(torch.int64))
         self.offsets = offsets.to(torch.int32)
-        self.slots, self.counts = slots, counts
-        # the lookup's side effects: counters only if it is served here, LRU/LFU touch regardless (the
-        # eager fallback touches the same slots with the same tick)
-        g._ids.index_add_(0, g._feature_table[:F], counts * ok)
-        gslots = slots.to(torch.int64) + g._feature_slot_base[fidx]
-        g.last_access.index_put_((gslots,), tick.expand(gslots.shape))
-        if g.config.eviction == "lfu":
-            g.freq.index_add_(0, gslots, ok.expand(gslots.shape))
+        self.counts = counts
 
     def _capture(self, g: "TBECacheGroup") -> None:
         dev = g.device

@@ -25,14 +25,12 @@ from torchrec_hps.config import CacheConfig, TableSpec
 from torchrec_hps.eviction import FreeSlots, choose_victims
 from torchrec_hps.modules.cache.cuda_graph import FLAG_MISS, AllHitPath
 from torchrec_hps.modules.cache.interface import EmbeddingCacheGroup
+from torchrec_hps.modules.cache.remap_kernel import ABSENT_SLOT, MISS_SLOT, RESERVED_SLOTS, RemapTables
 from torchrec_hps.modules.cache.tbe_direct import bind_pooled_lookup
 from torchrec_hps.storage.hierarchy import StorageHierarchy
 
 logger = logging.getLogger(__name__)
 
-MISS_SLOT = 0
-ABSENT_SLOT = 1
-RESERVED_SLOTS = 2
 
 
 @dataclass
@@ -140,6 +138,8 @@ class TBECacheGroup(EmbeddingCacheGroup):
         self._tick = 0
         self._rng = np.random.default_rng(0)
         self.inserter: Optional["AsyncInserter"] = None
+        self.remap_tables = RemapTables(self._feature_rows, self._feature_base, self._feature_slot_base, self.remap,
+                                        self.last_access, self.freq if config.eviction == "lfu" else None)
         # on CUDA, lookups try the all-hit path first (one graph replay or its eager twin, one overlapped wait)
         self.all_hit = AllHitPath(self, use_graphs=config.cuda_graphs) if device.type == "cuda" else None
 
@@ -168,10 +168,12 @@ class TBECacheGroup(EmbeddingCacheGroup):
             if flags != FLAG_MISS:
                 return None
             n = values.numel()
-            return self._eager(shape.values[:n], shape.offsets, per_sample_weights, shape.counts, None, False)
+            return self._eager(shape.values[:n], shape.offsets, per_sample_weights, shape.counts, None, False,
+                               touched=True)
 
     def _eager(self, values: torch.Tensor, offsets: torch.Tensor, per_sample_weights: Optional[torch.Tensor],
-               feature_counts: torch.Tensor, invalid: Optional[torch.Tensor], invalid_is_error: bool) -> torch.Tensor:
+               feature_counts: torch.Tensor, invalid: Optional[torch.Tensor], invalid_is_error: bool,
+               touched: bool = False) -> torch.Tensor:
         values = values.to(torch.int64)
         if invalid is not None:
             values = torch.where(invalid, torch.zeros_like(values), values)
@@ -188,7 +190,8 @@ class TBECacheGroup(EmbeddingCacheGroup):
         self._ids.index_add_(0, self._feature_table[:-1], feature_counts.to(torch.int64))
         miss_per_feature = torch.zeros_like(self._feature_arange[:-1]).index_add_(0, fidx, miss.to(torch.int64))
         self._misses.index_add_(0, self._feature_table[:-1], miss_per_feature)
-        self._touch(slots, fidx)  # before any eviction: this batch's hits are protected
+        if not touched:  # (the all-hit path has touched them) before any eviction: protect this batch's hits
+            self._touch(slots, fidx)
         overflow: Dict[int, Dict[str, np.ndarray]] = {}
         if any_miss:
             overflow = self._handle_misses(flat if invalid is None else flat[~invalid], flat[miss])
