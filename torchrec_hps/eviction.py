@@ -42,10 +42,15 @@ def choose_victims(candidates: np.ndarray, n: int, policy: str, last_access: np.
         return candidates[:0]
     if policy == "random":
         return rng.choice(candidates, size=n, replace=False)
-    if policy == "lru":
-        score = last_access[candidates]
-    elif policy == "lfu":
-        score = (np.minimum(freq[candidates], (1 << 22) - 1) << 40) | (last_access[candidates] & ((1 << 40) - 1))
-    else:
-        raise ValueError(f"unknown eviction policy {policy!r}; expected one of {list(POLICIES)}")
+    score = eviction_score(policy, last_access[candidates], freq[candidates])
     return candidates[np.argpartition(score, n - 1)[:n]]
+
+
+def eviction_score(policy: str, last_access, freq):
+    """Per slot, lower = evicted first: the last access tick (LRU), or the use count with ties to the least
+    recently used (LFU). Works alike on numpy arrays and torch tensors (the GPU cache selects on the device)."""
+    if policy == "lru":
+        return last_access
+    if policy == "lfu":
+        return (freq.clip(max=(1 << 22) - 1) << 40) | (last_access & ((1 << 40) - 1))
+    raise ValueError(f"unknown eviction policy {policy!r}; expected one of {list(POLICIES)}")

@@ -52,21 +52,35 @@ def test_cuda_module_async_then_exact(tmp_path, ratio):
     storage.close()
 
 
-@pytest.mark.parametrize("graphs", [True, False])
-def test_all_hit_path_serves_all_hit_lookups_exactly(tmp_path, graphs):
-    ref, storage, hps = _setup(tmp_path, 1.0, threshold=1.0, tables=SUM_TABLES, cuda_graphs=graphs)
+@pytest.mark.parametrize("graphs,pooled_in_graph,weighted", [(True, True, False), (True, False, False),
+                                                             (True, False, True), (False, False, False)])
+def test_all_hit_path_serves_all_hit_lookups_exactly(tmp_path, monkeypatch, graphs, pooled_in_graph, weighted):
+    from torchrec_hps.modules.cache import cuda_graph
+
+    if not pooled_in_graph:
+        monkeypatch.setattr(cuda_graph, "POOLED_IN_GRAPH_MAX_BYTES", 0)
+    ref = EmbeddingBagCollection(tables=SUM_TABLES, is_weighted=weighted)
+    storage = StorageHierarchy.from_config(StorageConfig(memory=MemoryTierConfig(capacity=100),
+                                                         rocksdb=RocksDBTierConfig(path=str(tmp_path / "db"))))
+    bulk_load(storage.tiers[-1:], "gpu", ref, progress=False)
+    cfg = HPSConfig(model="gpu", cache=CacheConfig(cache_ratio=1.0, min_cache_rows=1, hit_rate_threshold=1.0,
+                                                   cuda_graphs=graphs))
+    hps = HPSEmbeddingBagCollection(SUM_TABLES, cfg, storage=storage, device="cuda", is_weighted=weighted)
     for t in SUM_TABLES:
         hps.prefill(t.name, torch.arange(t.num_embeddings))
     gen = torch.Generator().manual_seed(3)
-    n_ids = 0
+    n_ids, outs = 0, []
     for batch in (8, 8, 32, 8, 1):
-        kjt = random_kjt(SUM_TABLES, batch, gen=gen)
+        kjt = random_kjt(SUM_TABLES, batch, gen=gen, weighted=weighted)
         n_ids += kjt.values().numel()
-        torch.testing.assert_close(hps(kjt.to(torch.device("cuda"))).values().cpu(), ref(kjt).values().detach(),
-                                   rtol=1e-5, atol=1e-5)
+        out = hps(kjt.to(torch.device("cuda"))).values()
+        outs.append(out)
+        torch.testing.assert_close(out.cpu(), ref(kjt).values().detach(), rtol=1e-5, atol=1e-5)
+    assert outs[0].data_ptr() != outs[1].data_ptr()  # each lookup's output is its own tensor
     (group,) = hps.engine.groups
     assert group.all_hit.served == 5 and group.all_hit.fallbacks == 0
-    assert (group.all_hit._shapes[(8, 1024)].graph is not None) == graphs
+    shape = group.all_hit._shapes[(8, 1024, weighted)]
+    assert (shape.graph is not None) == graphs and shape.pooled_in_graph == (graphs and pooled_in_graph)
     s = hps.stats()
     assert sum(s[t.name]["ids"] for t in SUM_TABLES) == n_ids
     assert all(s[t.name]["hits"] == s[t.name]["ids"] for t in SUM_TABLES)

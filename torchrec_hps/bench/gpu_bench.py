@@ -154,10 +154,12 @@ def _unique_misses(module) -> int:
 
 
 def _profile(name: str, fn: Callable[[int], object], shape: str, log: Callable[[str], None]) -> None:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for i in range(4):
+    # two warm-up steps keep the profiler's own start-up (CUPTI buffers, first-call costs) out of the table
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
+                                schedule=torch.profiler.schedule(wait=0, warmup=2, active=4)) as prof:
+        for i in range(6):
             fn(i)
-        torch.cuda.synchronize()
+            torch.cuda.synchronize()
+            prof.step()
     log(f"profile: {name}, {shape}, 4 calls")
     log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=48))

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from torchrec_hps.modules.cache.tbe_cache import TBECacheGroup
 
 MIN_BUCKET = 1024
+# Small batches run the TBE inside the graph too (its Python dispatch costs more than the kernel) and copy
+# the output out; large ones run it after the graph, writing a fresh tensor (a copy would double the writes).
+POOLED_IN_GRAPH_MAX_BYTES = 4 << 20
 FLAG_MISS, FLAG_INVALID, FLAG_LAYOUT = 1, 2, 4
 
 
@@ -37,9 +40,9 @@ def bucket_for(n: int) -> int:
 
 
 class _Shape:
-    """Static buffers (and the graph, if any) for one (batch, bucket)."""
+    """Static buffers (and the graph, if any) for one (batch, bucket, weighted)."""
 
-    def __init__(self, group: "TBECacheGroup", batch: int, bucket: int, use_graph: bool) -> None:
+    def __init__(self, group: "TBECacheGroup", batch: int, bucket: int, use_graph: bool, pooled_in_graph: bool) -> None:
         dev = group.device
         cuda = dev.type == "cuda"
         self.batch, self.bucket = batch, bucket
@@ -56,7 +59,8 @@ class _Shape:
         self.flags_np = self.flags_host.numpy()
         self.event = torch.cuda.Event() if cuda else None
         self.graph: Optional[torch.cuda.CUDAGraph] = None
-        self.offsets = self.counts = None  # outputs of compute()
+        self.offsets = self.counts = self.out = None  # outputs of compute()
+        self.pooled_in_graph = pooled_in_graph
         if use_graph:
             self._capture(group)
 
@@ -80,6 +84,8 @@ class _Shape:
         g._ids.index_add_(0, g._feature_table[:F], counts * (self.flags == 0).to(torch.int64))
         self.offsets = offsets.to(torch.int32)
         self.counts = counts
+        if self.pooled_in_graph:
+            self.out = g.pooled_lookup(self.slots, self.offsets, None)
 
     def _capture(self, g: "TBECacheGroup") -> None:
         dev = g.device
@@ -112,7 +118,7 @@ class AllHitPath:
     def __init__(self, group: "TBECacheGroup", use_graphs: bool) -> None:
         self.group = group
         self.use_graphs = use_graphs
-        self._shapes: Dict[Tuple[int, int], _Shape] = {}
+        self._shapes: Dict[Tuple[int, int, bool], _Shape] = {}
         self.served = 0
         self.fallbacks = 0
 
@@ -127,10 +133,11 @@ class AllHitPath:
         g = self.group
         n = values.numel()
         batch = lengths.numel() // g.n_features
-        key = (batch, bucket_for(n))
+        key = (batch, bucket_for(n), weights is not None)
         shape = self._shapes.get(key)
         if shape is None:
-            shape = self._shapes[key] = _Shape(g, batch, key[1], self.use_graphs)
+            small = weights is None and batch * g.tbe.total_D * 4 <= POOLED_IN_GRAPH_MAX_BYTES
+            shape = self._shapes[key] = _Shape(g, batch, key[1], self.use_graphs, self.use_graphs and small)
         shape.values[:n].copy_(values)
         shape.lengths.copy_(lengths)
         shape.scalars_np[0] = n
@@ -141,7 +148,9 @@ class AllHitPath:
             shape.compute(g)
         if shape.event is not None:
             shape.event.record()
-        out = g.pooled_lookup(shape.slots[:n], shape.offsets, weights)  # queued behind the flags' copy
+        out = None
+        if not shape.pooled_in_graph:
+            out = g.pooled_lookup(shape.slots[:n], shape.offsets, weights)  # queued behind the flags' copy
         if shape.event is not None:
             shape.event.synchronize()
         flags = int(shape.flags_np[0])
@@ -149,4 +158,4 @@ class AllHitPath:
             self.fallbacks += 1
             return None, flags, shape
         self.served += 1
-        return out, 0, shape
+        return (shape.out.clone() if out is None else out), 0, shape

@@ -98,7 +98,10 @@ if triton is not None:
         bits = tl.max(miss.to(tl.int32), axis=0) + 2 * tl.max(bad.to(tl.int32), axis=0)
         tl.atomic_or(flags_ptr, bits)
         gslot = slot.to(tl.int64) + tl.load(feature_slot_base_ptr + fidx, mask=in_bucket, other=0)
-        tl.store(last_access_ptr + gslot, tick + tl.zeros([BLOCK_SIZE], dtype=tl.int64), mask=live)
+        # write the tick only where it changes: hot rows repeat within a batch, and reads are cheaper than
+        # contended writes
+        seen = tl.load(last_access_ptr + gslot, mask=live, other=0)
+        tl.store(last_access_ptr + gslot, tick + tl.zeros([BLOCK_SIZE], dtype=tl.int64), mask=live & (seen != tick))
         if LFU:
             tl.atomic_add(freq_ptr + gslot, tl.zeros([BLOCK_SIZE], dtype=tl.int64) + 1, mask=live)
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from torchrec_hps.config import CacheConfig, TableSpec
-from torchrec_hps.eviction import FreeSlots, choose_victims
+from torchrec_hps.eviction import FreeSlots, eviction_score
 from torchrec_hps.modules.cache.cuda_graph import FLAG_MISS, AllHitPath
 from torchrec_hps.modules.cache.interface import EmbeddingCacheGroup
 from torchrec_hps.modules.cache.remap_kernel import ABSENT_SLOT, MISS_SLOT, RESERVED_SLOTS, RemapTables
@@ -136,7 +136,6 @@ class TBECacheGroup(EmbeddingCacheGroup):
         self.stats_ = [CacheTableStats() for _ in self.specs]
         self.lock = threading.RLock()
         self._tick = 0
-        self._rng = np.random.default_rng(0)
         self.inserter: Optional["AsyncInserter"] = None
         self.remap_tables = RemapTables(self._feature_rows, self._feature_base, self._feature_slot_base, self.remap,
                                         self.last_access, self.freq if config.eviction == "lfu" else None)
@@ -262,14 +261,9 @@ class TBECacheGroup(EmbeddingCacheGroup):
         ts = self.slots[t]
         need = len(keys) - ts.free.n_free
         if need > 0:
-            span = slice(ts.base, ts.base + len(ts.key_of_slot))
-            last_access = self.last_access[span].cpu().numpy()
-            freq = self.freq[span].cpu().numpy()
-            occupied = RESERVED_SLOTS + np.flatnonzero(ts.key_of_slot[RESERVED_SLOTS:] >= 0)
-            candidates = occupied[last_access[occupied] != protect_tick]
             # evict a batch at once: one O(slots) selection every many lookups instead of every lookup
             n_evict = max(need, int(np.ceil(self.config.eviction_batch * self.capacities[t])))
-            victims = choose_victims(candidates, n_evict, self.config.eviction, last_access, freq, self._rng)
+            victims = self._choose_victims(t, n_evict, protect_tick)
             self._release(t, victims)
             self.stats_[t].evicted += len(victims)
         n = min(len(keys), ts.free.n_free)
@@ -285,6 +279,19 @@ class TBECacheGroup(EmbeddingCacheGroup):
         self.freq[gslots] = 1
         self.stats_[t].inserted += n
         return n
+
+    def _choose_victims(self, t: int, n: int, protect_tick: int) -> np.ndarray:
+        """Up to n occupied slots of table t, not used at `protect_tick`, by policy: selected where the LRU/LFU
+        state lives (on the GPU, one top-k; only the occupancy mask goes over and the victims come back)."""
+        ts = self.slots[t]
+        span = slice(ts.base, ts.base + len(ts.key_of_slot))
+        last_access = self.last_access[span]
+        occupied = torch.from_numpy(ts.key_of_slot >= 0).to(self.device)
+        score = eviction_score(self.config.eviction, last_access, self.freq[span])
+        never = torch.iinfo(torch.int64).max
+        score = torch.where(occupied & (last_access != protect_tick), score, never)
+        values, victims = torch.stack(torch.topk(score, min(n, score.numel()), largest=False, sorted=False)).cpu().numpy()
+        return victims[values != never]
 
     def _write_rows(self, t: int, slots: torch.Tensor, rows: torch.Tensor) -> None:
         self.weights[t][slots] = rows.to(self.device, self.weights[t].dtype)
