@@ -139,6 +139,7 @@ def run_gpu_bench(num_tables: int = 8, rows: int = 4_000_000, dim: int = 128, sh
                 f"x DEVICE {r.vs_device:.2f}  x MANAGED_CACHING {mc / r.p50_ms:.2f}")
         results += shape_rows
         if profile:
+            _breakdown(all_cached, kjts, log)
             for name, module in (("ours all cached", all_cached), ("ours sync", ours_sync)):
                 _profile(name, lambda i: module(kjts[i % n_batches]), f"B={batch} L={bag}", log)
     paths = [g.all_hit for m in (all_cached, ours_sync) for g in m.engine.groups if g.all_hit is not None]
@@ -156,10 +157,42 @@ def _unique_misses(module) -> int:
 def _profile(name: str, fn: Callable[[int], object], shape: str, log: Callable[[str], None]) -> None:
     # two warm-up steps keep the profiler's own start-up (CUPTI buffers, first-call costs) out of the table
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
-                                schedule=torch.profiler.schedule(wait=0, warmup=2, active=4)) as prof:
+                                schedule=torch.profiler.schedule(wait=0, warmup=2, active=4), acc_events=True) as prof:
         for i in range(6):
             fn(i)
             torch.cuda.synchronize()
             prof.step()
     log(f"profile: {name}, {shape}, 4 calls")
     log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=48))
+
+
+def _breakdown(module, kjts, log: Callable[[str], None], reps: int = 20) -> None:
+    """Where an all-hit lookup's time goes: host wall time per call (it waits for the flags), the graph's
+    replay alone, and the TBE alone on the slots the graph wrote (CUDA events, medians)."""
+    import time
+
+    (group,) = module.engine.groups
+    host = []
+    for i in range(reps):
+        t0 = time.perf_counter()
+        module(kjts[i % len(kjts)])
+        host.append((time.perf_counter() - t0) * 1e3)
+    n = kjts[0].values().numel()
+    shape = next(s for k, s in group.all_hit._shapes.items() if k[0] == kjts[0].stride() and k[1] >= n)
+    module(kjts[0])
+
+    def events(fn) -> float:
+        times = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        return statistics.median(times)
+
+    graph_ms = events(shape.graph.replay) if shape.graph is not None else float("nan")
+    tbe_ms = events(lambda: group.pooled_lookup(shape.slots[:n], shape.offsets, None))
+    log(f"breakdown: host wall per lookup {statistics.median(host):.3f} ms; graph replay alone {graph_ms:.3f} ms "
+        f"(TBE inside: {shape.pooled_in_graph}); TBE alone {tbe_ms:.3f} ms")

@@ -110,7 +110,7 @@ class StorageHierarchy:
         spec = self.spec(table)
         k = as_key_array(keys, spec)
         n = len(k)
-        rows = torch.zeros(n, spec.dim, dtype=torch.float32)
+        rows: Optional[torch.Tensor] = None  # allocated on first partial answer; one full answer is used as is
         source = np.full(n, MISSING, dtype=np.int8)
         remaining = np.arange(n)
         generation = self._generation[table]
@@ -131,10 +131,17 @@ class StorageHierarchy:
             f = tier_found.numpy()
             hit = ask[f]
             if len(hit):
-                rows[torch.from_numpy(hit)] = tier_rows[tier_found]
+                if rows is None and len(hit) == n:  # one tier had every key (in order): no copy
+                    rows = tier_rows
+                else:
+                    if rows is None:
+                        rows = torch.zeros(n, spec.dim, dtype=torch.float32)
+                    rows[torch.from_numpy(hit)] = tier_rows[tier_found]
                 source[hit] = i
                 served_by[i] = hit
                 remaining = remaining[source[remaining] == MISSING]
+        if rows is None:
+            rows = torch.zeros(n, spec.dim, dtype=torch.float32)
         self._promote(table, k, rows, served_by, generation)
         missing = int((source == MISSING).sum())
         with self._stats_lock:

@@ -249,7 +249,7 @@ class TBECacheGroup(EmbeddingCacheGroup):
             self.stats_[t].not_found += len(absent)
             self.remap[torch.from_numpy(absent + self.key_base[t]).to(self.device)] = ABSENT_SLOT
         fkeys = keys[found]
-        frows = res.rows[res.found]
+        frows = res.rows if len(fkeys) == len(keys) else res.rows[res.found]
         n_fit = self._insert(t, fkeys, frows, protect_tick)
         if n_fit == len(fkeys):
             return None
