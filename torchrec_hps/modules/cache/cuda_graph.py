@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import torch
 
+from torchrec_hps.modules.cache.offsets_kernel import FLAG_LAYOUT, OffsetsScratch, commit_ids, offsets_and_checks
 from torchrec_hps.modules.cache.remap_kernel import remap_and_touch
 
 if TYPE_CHECKING:
@@ -32,7 +33,9 @@ MIN_BUCKET = 1024
 # Small batches run the TBE inside the graph too (its Python dispatch costs more than the kernel) and copy
 # the output out; large ones run it after the graph, writing a fresh tensor (a copy would double the writes).
 POOLED_IN_GRAPH_MAX_BYTES = 4 << 20
-FLAG_MISS, FLAG_INVALID, FLAG_LAYOUT = 1, 2, 4
+FLAG_MISS, FLAG_INVALID = 1, 2  # set by remap_kernel; FLAG_LAYOUT (4) by offsets_kernel
+
+__all__ = ["AllHitPath", "FLAG_INVALID", "FLAG_LAYOUT", "FLAG_MISS", "bucket_for"]
 
 
 def bucket_for(n: int) -> int:
@@ -50,7 +53,10 @@ class _Shape:
         self.lengths = torch.zeros(group.n_features * batch, dtype=torch.int64, device=dev)
         self.slots = torch.ones(bucket, dtype=torch.int32, device=dev)
         self.flags = torch.zeros(1, dtype=torch.int32, device=dev)
-        self.feature_ends = torch.arange(1, group.n_features + 1, dtype=torch.int64, device=dev) * batch
+        self.offsets = torch.zeros(group.n_features * batch + 1, dtype=torch.int32, device=dev)
+        self.ends = torch.zeros(group.n_features, dtype=torch.int64, device=dev)
+        self.counts = torch.zeros(group.n_features, dtype=torch.int64, device=dev)
+        self.scratch = OffsetsScratch(group.n_features * batch, dev)
         # [n, tick] written by the host, read by the graph (a captured copy from pinned memory)
         self.scalars_host = torch.zeros(2, dtype=torch.int64, pin_memory=cuda)
         self.scalars_np = self.scalars_host.numpy()
@@ -59,7 +65,7 @@ class _Shape:
         self.flags_np = self.flags_host.numpy()
         self.event = torch.cuda.Event() if cuda else None
         self.graph: Optional[torch.cuda.CUDAGraph] = None
-        self.offsets = self.counts = self.out = None  # outputs of compute()
+        self.out: Optional[torch.Tensor] = None  # the pooled output, when the TBE runs inside the graph
         self.pooled_in_graph = pooled_in_graph
         if use_graph:
             self._capture(group)
@@ -67,23 +73,13 @@ class _Shape:
     def compute(self, g: "TBECacheGroup") -> None:
         F, B = g.n_features, self.batch
         self.scalars.copy_(self.scalars_host, non_blocking=True)
-        n = self.scalars[0]
-        lengths = self.lengths
-        counts = lengths.view(F, B).sum(1)
-        layout_bad = counts.sum() != n
-        if F * B:
-            layout_bad = layout_bad | (lengths.amin() < 0)
-        # offsets made safe whatever the input (non-decreasing, within the batch's ids); each position's
-        # feature follows from them, so the TBE reads every slot against the table of the bag it sits in
-        offsets = torch.minimum(torch.ops.fbgemm.asynchronous_complete_cumsum(lengths.clamp(min=0)), n)
-        self.flags.zero_()
-        remap_and_touch(self.values, self.scalars, offsets[self.feature_ends], g.remap_tables, self.slots, self.flags)
-        self.flags.bitwise_or_(layout_bad.to(torch.int32).view(1) * FLAG_LAYOUT)
-        self.flags_host.copy_(self.flags, non_blocking=True)
+        # offsets clamped to the batch's ids: each position's feature follows from them, so the TBE reads
+        # every slot against the table of the bag it sits in, whatever the input
+        offsets_and_checks(self.lengths, self.scalars, F, B, self.offsets, self.ends, self.flags, self.scratch)
+        remap_and_touch(self.values, self.scalars, self.ends, g.remap_tables, self.slots, self.flags)
         # id counters only if the lookup is served here (the eager fallback counts it otherwise)
-        g._ids.index_add_(0, g._feature_table[:F], counts * (self.flags == 0).to(torch.int64))
-        self.offsets = offsets.to(torch.int32)
-        self.counts = counts
+        commit_ids(self.flags, self.ends, self.counts, g._ids, g._feature_table[:F])
+        self.flags_host.copy_(self.flags, non_blocking=True)
         if self.pooled_in_graph:
             self.out = g.pooled_lookup(self.slots, self.offsets, None)
 

@@ -1,5 +1,6 @@
-"""Run as `TRITON_INTERPRET=1 python -m tests.modules.remap_kernel_check`: the Triton remap kernel, run by
-Triton's interpreter on the CPU, against the torch reference on random layouts (test_remap_kernel.py)."""
+"""Run as `TRITON_INTERPRET=1 python -m tests.modules.triton_kernel_check`: the all-hit path's Triton kernels
+(remap_kernel.py, offsets_kernel.py), run by Triton's interpreter on the CPU, against their torch references
+on random inputs (test_triton_kernels.py)."""
 from __future__ import annotations
 
 import os
@@ -8,8 +9,7 @@ import sys
 import torch
 
 
-def main() -> int:
-    assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before importing triton"
+def check_remap() -> None:
     import triton
 
     from torchrec_hps.modules.cache.remap_kernel import (BLOCK, MISS_SLOT, RemapTables, _remap_touch_kernel,
@@ -55,6 +55,58 @@ def main() -> int:
             seen_flags.add(int(ref_flags))
     assert {0, 1, 3} <= seen_flags, f"the trials did not cover hits and misses: {seen_flags}"
     print(f"remap kernel matches the torch reference; flags seen {sorted(seen_flags)}")
+
+
+def check_offsets() -> None:
+    import triton
+
+    from torchrec_hps.modules.cache import offsets_kernel as ok
+
+    g = torch.Generator().manual_seed(1)
+    seen = set()
+    for trial in range(12):
+        n_features = [1, 3, 8][trial % 3]
+        batch = [1, 7, 300, 1000][trial % 4]
+        lengths = torch.randint(0, 4, (n_features * batch,), generator=g)
+        n = int(lengths.sum())
+        if trial % 4 == 1:
+            lengths[int(torch.randint(0, len(lengths), (1,), generator=g))] = -2  # a negative length
+        if trial % 4 == 2:
+            n += 3  # ids and lengths disagree
+        scalars = torch.tensor([n, 5])
+        outs = []
+        for fused in (False, True):
+            offsets = torch.full((n_features * batch + 1,), -7, dtype=torch.int32)
+            ends = torch.full((n_features,), -7, dtype=torch.int64)
+            counts = torch.full((n_features,), -7, dtype=torch.int64)
+            flags = torch.full((1,), 9, dtype=torch.int32)
+            ids = torch.arange(4, dtype=torch.int64)
+            table = torch.arange(n_features) % 3
+            if fused:
+                scratch = ok.OffsetsScratch(lengths.numel(), lengths.device)
+                grid = (scratch.n_chunks,)
+                ok._chunk_sums_kernel[grid](lengths, lengths.numel(), scratch.chunk_sums, scratch.chunk_neg, flags,
+                                            CH=ok.CHUNK)
+                ok._offsets_kernel[grid](lengths, lengths.numel(), scratch.chunk_sums, scratch.chunk_neg,
+                                         scratch.n_chunks, scalars, offsets, ends, batch, flags, LAYOUT=ok.FLAG_LAYOUT,
+                                         CH=ok.CHUNK, MAX_CHUNKS=triton.next_power_of_2(scratch.n_chunks))
+                ok._commit_ids_kernel[(1,)](flags, ends, n_features, counts, ids, table,
+                                            F_BLOCK=triton.next_power_of_2(n_features))
+            else:
+                ok.offsets_and_checks_torch(lengths, scalars, n_features, batch, offsets, ends, flags)
+                ok.commit_ids_torch(flags, ends, counts, ids, table)
+            outs.append((offsets, ends, counts, flags, ids))
+        for name, ref, out in zip(("offsets", "ends", "counts", "flags", "ids"), *outs):
+            assert torch.equal(ref, out), f"trial {trial}: {name} differ: {ref} vs {out}"
+        seen.add(int(outs[0][3]))
+    assert seen == {0, ok.FLAG_LAYOUT}, seen
+    print("offsets kernels match the torch reference")
+
+
+def main() -> int:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before importing triton"
+    check_remap()
+    check_offsets()
     return 0
 
 

@@ -1,0 +1,129 @@
+"""A KJT's lengths -> the TBE's offsets, each feature's end, the layout check and the id counters, for the
+all-hit path's graph.
+
+On CUDA these are three small Triton kernels (chunk sums; offsets, ends and the layout flag; counts and
+the masked id counters) where torch needed about fifteen launches, and in a CUDA graph every node adds
+latency to a lookup whatever its size. The torch versions are the reference and the CPU path.
+Offsets are made safe whatever the input: lengths are clamped at 0 and offsets at n (the batch's id count),
+so the TBE never reads past the ids; a negative length or lengths that do not add up to n set FLAG_LAYOUT.
+"""
+from __future__ import annotations
+
+import torch
+
+try:  # Triton comes with torch on Linux; the kernels are only launched on CUDA tensors
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+FLAG_LAYOUT = 4
+CHUNK = 1024
+
+
+def offsets_and_checks_torch(lengths: torch.Tensor, scalars: torch.Tensor, n_features: int, batch: int,
+                             offsets: torch.Tensor, ends: torch.Tensor, flags: torch.Tensor) -> None:
+    """Writes offsets [F*B+1] (int32), ends [F] (int64: one past each feature's last id) and sets flags [1]
+    to FLAG_LAYOUT or 0. `scalars[0]` is n."""
+    n = scalars[0]
+    layout_bad = lengths.sum() != n
+    if lengths.numel():
+        layout_bad = layout_bad | (lengths.amin() < 0)
+    full = torch.minimum(torch.ops.fbgemm.asynchronous_complete_cumsum(lengths.clamp(min=0)), n)
+    offsets.copy_(full)
+    ends.copy_(full[torch.arange(1, n_features + 1, device=lengths.device) * batch])
+    flags.copy_(layout_bad.to(torch.int32).view(1) * FLAG_LAYOUT)
+
+
+def commit_ids_torch(flags: torch.Tensor, ends: torch.Tensor, counts: torch.Tensor, ids: torch.Tensor,
+                     feature_table: torch.Tensor) -> None:
+    """counts[f] = ids of feature f; the per-table id counters grow by them only if no flag is set."""
+    counts.copy_(ends - torch.cat([ends.new_zeros(1), ends[:-1]]))
+    ids.index_add_(0, feature_table, counts * (flags == 0).to(torch.int64))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _chunk_sums_kernel(lengths_ptr, total, chunk_sums_ptr, chunk_neg_ptr, flags_ptr, CH: tl.constexpr):
+        pid = tl.program_id(0)
+        idx = pid * CH + tl.arange(0, CH)
+        lengths = tl.load(lengths_ptr + idx, mask=idx < total, other=0)
+        tl.store(chunk_sums_ptr + pid, tl.sum(tl.maximum(lengths, 0), axis=0))
+        tl.store(chunk_neg_ptr + pid, (tl.min(lengths, axis=0) < 0).to(tl.int32))
+        if pid == 0:
+            tl.store(flags_ptr, 0)
+
+    @triton.jit
+    def _offsets_kernel(lengths_ptr, total, chunk_sums_ptr, chunk_neg_ptr, n_chunks, scalars_ptr, offsets_ptr,
+                        ends_ptr, batch, flags_ptr, LAYOUT: tl.constexpr, CH: tl.constexpr,
+                        MAX_CHUNKS: tl.constexpr):
+        pid = tl.program_id(0)
+        c = tl.arange(0, MAX_CHUNKS)
+        prefix = tl.sum(tl.load(chunk_sums_ptr + c, mask=c < pid, other=0), axis=0)
+        n = tl.load(scalars_ptr)
+        idx = pid * CH + tl.arange(0, CH)
+        live = idx < total
+        lengths = tl.maximum(tl.load(lengths_ptr + idx, mask=live, other=0), 0)
+        inclusive = tl.cumsum(lengths, axis=0) + prefix
+        off = tl.minimum(inclusive, n)
+        tl.store(offsets_ptr + idx + 1, off.to(tl.int32), mask=live)
+        if pid == 0:
+            tl.store(offsets_ptr, 0)
+        is_end = live & ((idx + 1) % batch == 0)
+        tl.store(ends_ptr + (idx + 1) // batch - 1, off, mask=is_end)
+        if pid == n_chunks - 1:
+            total_ids = tl.max(tl.where(live, inclusive, 0), axis=0)
+            negative = tl.max(tl.load(chunk_neg_ptr + c, mask=c < n_chunks, other=0), axis=0)
+            bad = (total_ids != n) | (negative > 0)
+            tl.atomic_or(flags_ptr, bad.to(tl.int32) * LAYOUT)
+
+    @triton.jit
+    def _commit_ids_kernel(flags_ptr, ends_ptr, n_features, counts_ptr, ids_ptr, feature_table_ptr,
+                           F_BLOCK: tl.constexpr):
+        f = tl.arange(0, F_BLOCK)
+        real = f < n_features
+        end = tl.load(ends_ptr + f, mask=real, other=0)
+        start = tl.load(ends_ptr + f - 1, mask=real & (f > 0), other=0)
+        counts = end - start
+        tl.store(counts_ptr + f, counts, mask=real)
+        served = tl.load(flags_ptr) == 0
+        table = tl.load(feature_table_ptr + f, mask=real, other=0)
+        tl.atomic_add(ids_ptr + table, counts, mask=real & served)
+
+
+def _fused(t: torch.Tensor) -> bool:
+    return triton is not None and t.is_cuda and t.numel() > 0
+
+
+class OffsetsScratch:
+    """Per-shape scratch buffers of the fused kernels (chunk sums and negative-length flags)."""
+
+    def __init__(self, total: int, device: torch.device) -> None:
+        self.n_chunks = max(1, -(-total // CHUNK))
+        self.chunk_sums = torch.zeros(self.n_chunks, dtype=torch.int64, device=device)
+        self.chunk_neg = torch.zeros(self.n_chunks, dtype=torch.int32, device=device)
+
+
+def offsets_and_checks(lengths: torch.Tensor, scalars: torch.Tensor, n_features: int, batch: int,
+                       offsets: torch.Tensor, ends: torch.Tensor, flags: torch.Tensor,
+                       scratch: OffsetsScratch) -> None:
+    """As offsets_and_checks_torch; two kernel launches on CUDA."""
+    if not _fused(lengths):
+        offsets_and_checks_torch(lengths, scalars, n_features, batch, offsets, ends, flags)
+        return
+    total, grid = lengths.numel(), (scratch.n_chunks,)
+    _chunk_sums_kernel[grid](lengths, total, scratch.chunk_sums, scratch.chunk_neg, flags, CH=CHUNK)
+    _offsets_kernel[grid](lengths, total, scratch.chunk_sums, scratch.chunk_neg, scratch.n_chunks, scalars, offsets,
+                          ends, batch, flags, LAYOUT=FLAG_LAYOUT, CH=CHUNK,
+                          MAX_CHUNKS=triton.next_power_of_2(scratch.n_chunks))
+
+
+def commit_ids(flags: torch.Tensor, ends: torch.Tensor, counts: torch.Tensor, ids: torch.Tensor,
+               feature_table: torch.Tensor) -> None:
+    """As commit_ids_torch; one kernel launch on CUDA."""
+    if not _fused(ends):
+        commit_ids_torch(flags, ends, counts, ids, feature_table)
+        return
+    _commit_ids_kernel[(1,)](flags, ends, ends.numel(), counts, ids, feature_table,
+                             F_BLOCK=triton.next_power_of_2(ends.numel()))
