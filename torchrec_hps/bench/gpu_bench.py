@@ -142,6 +142,7 @@ def run_gpu_bench(num_tables: int = 8, rows: int = 4_000_000, dim: int = 128, sh
             _breakdown(all_cached, kjts, log)
             for name, module in (("ours all cached", all_cached), ("ours sync", ours_sync)):
                 _profile(name, lambda i: module(kjts[i % n_batches]), f"B={batch} L={bag}", log)
+            _python_profile("ours sync", lambda i: ours_sync(kjts[i % n_batches]), f"B={batch} L={bag}", log)
     paths = [g.all_hit for m in (all_cached, ours_sync) for g in m.engine.groups if g.all_hit is not None]
     log(f"all-hit path: served {sum(p.served for p in paths)}, fell back {sum(p.fallbacks for p in paths)}")
     for m in (all_cached, ours_sync):
@@ -196,3 +197,20 @@ def _breakdown(module, kjts, log: Callable[[str], None], reps: int = 20) -> None
     tbe_ms = events(lambda: group.pooled_lookup(shape.slots[:n], shape.offsets, None))
     log(f"breakdown: host wall per lookup {statistics.median(host):.3f} ms; graph replay alone {graph_ms:.3f} ms "
         f"(TBE inside: {shape.pooled_in_graph}); TBE alone {tbe_ms:.3f} ms")
+
+
+def _python_profile(name: str, fn: Callable[[int], object], shape: str, log: Callable[[str], None]) -> None:
+    """The host's Python side (the miss path is host-bound): cProfile over 4 calls, top functions."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for i in range(4):
+        fn(i)
+    torch.cuda.synchronize()
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(12)
+    log(f"python profile: {name}, {shape}, 4 calls\n" + out.getvalue())

@@ -214,17 +214,20 @@ class TBECacheGroup(EmbeddingCacheGroup):
         """Per table with misses: below the hit-rate threshold (over the batch's distinct ids) fetch and
         insert now; at or above it, queue them for the background inserter. Returns, for tables whose batch
         did not fit the cache, the rows of the ids left uncached."""
-        bounds = self._bounds.cpu().numpy()
-        uniq_h = torch.unique(flat).cpu().numpy()
-        umiss_h = torch.unique(missing).cpu().numpy()
-        n_ids = np.bincount(np.searchsorted(bounds, uniq_h, side="right"), minlength=len(self.specs))
-        tid_m = np.searchsorted(bounds, umiss_h, side="right")
-        n_miss = np.bincount(tid_m, minlength=len(self.specs))
+        # distinct ids and misses per table, counted where the ids are; only the misses come to the host
+        n_tables = len(self.specs)
+        umiss = torch.unique(missing)
+        n_ids = torch.bincount(torch.searchsorted(self._bounds, torch.unique(flat), right=True), minlength=n_tables)
+        n_miss = torch.bincount(torch.searchsorted(self._bounds, umiss, right=True), minlength=n_tables)
+        counts = torch.stack([n_ids, n_miss]).cpu().numpy()
+        n_ids, n_miss = counts[0], counts[1]
+        umiss_h = umiss.cpu().numpy()
+        starts = np.concatenate([[0], np.cumsum(n_miss)])  # unique ids are sorted: tables are contiguous runs
         overflow: Dict[int, Dict[str, np.ndarray]] = {}
         for t in np.flatnonzero(n_miss):
             s = self.stats_[t]
             s.unique_misses += int(n_miss[t])
-            keys = umiss_h[tid_m == t] - self.key_base[t]
+            keys = umiss_h[starts[t]:starts[t + 1]] - self.key_base[t]
             hit_rate = 1.0 - n_miss[t] / n_ids[t]
             if hit_rate < self.config.hit_rate_threshold or self.inserter is None:
                 s.sync_lookups += 1
