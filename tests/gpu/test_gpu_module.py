@@ -52,13 +52,16 @@ def test_cuda_module_async_then_exact(tmp_path, ratio):
     storage.close()
 
 
-@pytest.mark.parametrize("graphs,pooled_in_graph,weighted", [(True, True, False), (True, False, False),
-                                                             (True, False, True), (False, False, False)])
-def test_all_hit_path_serves_all_hit_lookups_exactly(tmp_path, monkeypatch, graphs, pooled_in_graph, weighted):
+@pytest.mark.parametrize("graphs,pooled_in_graph,weighted,zero_copy", [
+    (True, True, False, True), (True, False, False, True), (True, False, True, True), (False, False, False, True),
+    (True, True, False, False)])
+def test_all_hit_path_serves_all_hit_lookups_exactly(tmp_path, monkeypatch, graphs, pooled_in_graph, weighted,
+                                                     zero_copy):
     from torchrec_hps.modules.cache import cuda_graph
 
     if not pooled_in_graph:
         monkeypatch.setattr(cuda_graph, "POOLED_IN_GRAPH_MAX_BYTES", 0)
+    monkeypatch.setattr(cuda_graph, "ZERO_COPY", zero_copy)
     ref = EmbeddingBagCollection(tables=SUM_TABLES, is_weighted=weighted)
     storage = StorageHierarchy.from_config(StorageConfig(memory=MemoryTierConfig(capacity=100),
                                                          rocksdb=RocksDBTierConfig(path=str(tmp_path / "db"))))
@@ -81,6 +84,7 @@ def test_all_hit_path_serves_all_hit_lookups_exactly(tmp_path, monkeypatch, grap
     assert group.all_hit.served == 5 and group.all_hit.fallbacks == 0
     shape = group.all_hit._shapes[(8, 1024, weighted)]
     assert (shape.graph is not None) == graphs and shape.pooled_in_graph == (graphs and pooled_in_graph)
+    assert shape.zero_copy == zero_copy  # the H100 with Triton: kernels use the pinned buffers in place
     s = hps.stats()
     assert sum(s[t.name]["ids"] for t in SUM_TABLES) == n_ids
     assert all(s[t.name]["hits"] == s[t.name]["ids"] for t in SUM_TABLES)

@@ -81,22 +81,25 @@ def check_offsets() -> None:
             counts = torch.full((n_features,), -7, dtype=torch.int64)
             flags = torch.full((1,), 9, dtype=torch.int32)
             ids = torch.arange(4, dtype=torch.int64)
+            flags_out = torch.full((1,), 13, dtype=torch.int32)
             table = torch.arange(n_features) % 3
             if fused:
                 scratch = ok.OffsetsScratch(lengths.numel(), lengths.device)
                 grid = (scratch.n_chunks,)
+                dev_scalars = torch.zeros(2, dtype=torch.int64)
                 ok._chunk_sums_kernel[grid](lengths, lengths.numel(), scratch.chunk_sums, scratch.chunk_neg, flags,
-                                            CH=ok.CHUNK)
+                                            scalars, dev_scalars, CH=ok.CHUNK)
+                assert torch.equal(dev_scalars, scalars), "the scalars were not copied"
                 ok._offsets_kernel[grid](lengths, lengths.numel(), scratch.chunk_sums, scratch.chunk_neg,
-                                         scratch.n_chunks, scalars, offsets, ends, batch, flags, LAYOUT=ok.FLAG_LAYOUT,
+                                         scratch.n_chunks, dev_scalars, offsets, ends, batch, flags, LAYOUT=ok.FLAG_LAYOUT,
                                          CH=ok.CHUNK, MAX_CHUNKS=triton.next_power_of_2(scratch.n_chunks))
-                ok._commit_ids_kernel[(1,)](flags, ends, n_features, counts, ids, table,
+                ok._commit_ids_kernel[(1,)](flags, ends, n_features, counts, ids, table, flags_out, COPY_OUT=True,
                                             F_BLOCK=triton.next_power_of_2(n_features))
             else:
                 ok.offsets_and_checks_torch(lengths, scalars, n_features, batch, offsets, ends, flags)
-                ok.commit_ids_torch(flags, ends, counts, ids, table)
-            outs.append((offsets, ends, counts, flags, ids))
-        for name, ref, out in zip(("offsets", "ends", "counts", "flags", "ids"), *outs):
+                ok.commit_ids_torch(flags, ends, counts, ids, table, flags_out)
+            outs.append((offsets, ends, counts, flags, ids, flags_out))
+        for name, ref, out in zip(("offsets", "ends", "counts", "flags", "ids", "flags copy"), *outs):
             assert torch.equal(ref, out), f"trial {trial}: {name} differ: {ref} vs {out}"
         seen.add(int(outs[0][3]))
     assert seen == {0, ok.FLAG_LAYOUT}, seen

@@ -196,7 +196,7 @@ def _breakdown(module, kjts, log: Callable[[str], None], reps: int = 20) -> None
     graph_ms = events(shape.graph.replay) if shape.graph is not None else float("nan")
     tbe_ms = events(lambda: group.pooled_lookup(shape.slots[:n], shape.offsets, None))
     log(f"breakdown: host wall per lookup {statistics.median(host):.3f} ms; graph replay alone {graph_ms:.3f} ms "
-        f"(TBE inside: {shape.pooled_in_graph}); TBE alone {tbe_ms:.3f} ms")
+        f"(TBE inside: {shape.pooled_in_graph}, zero-copy flags: {shape.zero_copy}); TBE alone {tbe_ms:.3f} ms")
 
 
 def _python_profile(name: str, fn: Callable[[int], object], shape: str, log: Callable[[str], None]) -> None:

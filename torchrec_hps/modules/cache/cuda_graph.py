@@ -19,20 +19,25 @@ Without CUDA graphs (config, or a CPU group in tests) the same computation runs 
 from __future__ import annotations
 
 import gc
+import logging
 from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import torch
 
-from torchrec_hps.modules.cache.offsets_kernel import FLAG_LAYOUT, OffsetsScratch, commit_ids, offsets_and_checks
+from torchrec_hps.modules.cache.offsets_kernel import (FLAG_LAYOUT, OffsetsScratch, commit_ids, fused_kernels,
+                                                      offsets_and_checks)
 from torchrec_hps.modules.cache.remap_kernel import remap_and_touch
 
 if TYPE_CHECKING:
     from torchrec_hps.modules.cache.tbe_cache import TBECacheGroup
 
+logger = logging.getLogger(__name__)
+
 MIN_BUCKET = 1024
 # Small batches run the TBE inside the graph too (its Python dispatch costs more than the kernel) and copy
 # the output out; large ones run it after the graph, writing a fresh tensor (a copy would double the writes).
 POOLED_IN_GRAPH_MAX_BYTES = 4 << 20
+ZERO_COPY = True  # let the kernels use the pinned [n, tick] and flags buffers in place (tests turn it off)
 FLAG_MISS, FLAG_INVALID = 1, 2  # set by remap_kernel; FLAG_LAYOUT (4) by offsets_kernel
 
 __all__ = ["AllHitPath", "FLAG_INVALID", "FLAG_LAYOUT", "FLAG_MISS", "bucket_for"]
@@ -57,7 +62,10 @@ class _Shape:
         self.ends = torch.zeros(group.n_features, dtype=torch.int64, device=dev)
         self.counts = torch.zeros(group.n_features, dtype=torch.int64, device=dev)
         self.scratch = OffsetsScratch(group.n_features * batch, dev)
-        # [n, tick] written by the host, read by the graph (a captured copy from pinned memory)
+        # [n, tick] written by the host and flags read by it, in pinned memory: the kernels read and write
+        # them in place where Triton accepts host-mapped pointers (checked in the warm-up), else the graph
+        # copies them (two more nodes)
+        self.zero_copy = ZERO_COPY and cuda and fused_kernels(self.lengths)
         self.scalars_host = torch.zeros(2, dtype=torch.int64, pin_memory=cuda)
         self.scalars_np = self.scalars_host.numpy()
         self.scalars = torch.zeros(2, dtype=torch.int64, device=dev)
@@ -67,32 +75,51 @@ class _Shape:
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.out: Optional[torch.Tensor] = None  # the pooled output, when the TBE runs inside the graph
         self.pooled_in_graph = pooled_in_graph
+        if cuda:
+            self._warm_up(group)
         if use_graph:
             self._capture(group)
 
     def compute(self, g: "TBECacheGroup") -> None:
         F, B = g.n_features, self.batch
-        self.scalars.copy_(self.scalars_host, non_blocking=True)
+        if not self.zero_copy:
+            self.scalars.copy_(self.scalars_host, non_blocking=True)
         # offsets clamped to the batch's ids: each position's feature follows from them, so the TBE reads
         # every slot against the table of the bag it sits in, whatever the input
-        offsets_and_checks(self.lengths, self.scalars, F, B, self.offsets, self.ends, self.flags, self.scratch)
+        offsets_and_checks(self.lengths, self.scalars_host if self.zero_copy else self.scalars, self.scalars, F, B,
+                           self.offsets, self.ends, self.flags, self.scratch)
         remap_and_touch(self.values, self.scalars, self.ends, g.remap_tables, self.slots, self.flags)
         # id counters only if the lookup is served here (the eager fallback counts it otherwise)
-        commit_ids(self.flags, self.ends, self.counts, g._ids, g._feature_table[:F])
-        self.flags_host.copy_(self.flags, non_blocking=True)
+        commit_ids(self.flags, self.ends, self.counts, g._ids, g._feature_table[:F],
+                   self.flags_host if self.zero_copy else None)
+        if not self.zero_copy:
+            self.flags_host.copy_(self.flags, non_blocking=True)
         if self.pooled_in_graph:
             self.out = g.pooled_lookup(self.slots, self.offsets, None)
 
+    def _warm_up(self, g: "TBECacheGroup") -> None:
+        """One run on an empty batch, on a side stream (lazy allocations, kernel compilation, library handles
+        before any capture); it changes no counter and touches only a reserved slot. It also checks that the
+        kernels can read and write the pinned host buffers in place, else falls back to copies."""
+        for attempt in range(2):
+            self.flags_np[0] = -1  # the empty batch must clear it
+            stream = torch.cuda.Stream(device=g.device)
+            stream.wait_stream(torch.cuda.current_stream(g.device))
+            try:
+                with torch.cuda.stream(stream):
+                    self.compute(g)
+                torch.cuda.synchronize(g.device)
+            except (ValueError, RuntimeError):
+                if not self.zero_copy:
+                    raise
+            if int(self.flags_np[0]) == 0 or not self.zero_copy:
+                break
+            logger.warning("the all-hit kernels could not use pinned host memory in place; copying instead")
+            self.zero_copy = False
+        torch.cuda.current_stream(g.device).wait_stream(stream)
+
     def _capture(self, g: "TBECacheGroup") -> None:
         dev = g.device
-        # warm up on a side stream (lazy allocations, library handles): the buffers hold an empty batch,
-        # so this changes no counter and touches only a reserved slot
-        stream = torch.cuda.Stream(device=dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(stream):
-            self.compute(g)
-        torch.cuda.current_stream(dev).wait_stream(stream)
-        torch.cuda.synchronize(dev)
         # thread_local: other threads (the background inserter) keep using CUDA meanwhile. No garbage
         # collection during capture: collecting an old engine destroys its CUDA graphs, which invalidates a
         # capture in progress (seen on the H100, depending on GC timing).

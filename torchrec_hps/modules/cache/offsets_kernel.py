@@ -9,6 +9,8 @@ so the TBE never reads past the ids; a negative length or lengths that do not ad
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 try:  # Triton comes with torch on Linux; the kernels are only launched on CUDA tensors
@@ -36,16 +38,20 @@ def offsets_and_checks_torch(lengths: torch.Tensor, scalars: torch.Tensor, n_fea
 
 
 def commit_ids_torch(flags: torch.Tensor, ends: torch.Tensor, counts: torch.Tensor, ids: torch.Tensor,
-                     feature_table: torch.Tensor) -> None:
-    """counts[f] = ids of feature f; the per-table id counters grow by them only if no flag is set."""
+                     feature_table: torch.Tensor, flags_out: Optional[torch.Tensor] = None) -> None:
+    """counts[f] = ids of feature f; the per-table id counters grow by them only if no flag is set; the
+    flags are copied to `flags_out` if given."""
     counts.copy_(ends - torch.cat([ends.new_zeros(1), ends[:-1]]))
     ids.index_add_(0, feature_table, counts * (flags == 0).to(torch.int64))
+    if flags_out is not None:
+        flags_out.copy_(flags, non_blocking=True)
 
 
 if triton is not None:
 
     @triton.jit
-    def _chunk_sums_kernel(lengths_ptr, total, chunk_sums_ptr, chunk_neg_ptr, flags_ptr, CH: tl.constexpr):
+    def _chunk_sums_kernel(lengths_ptr, total, chunk_sums_ptr, chunk_neg_ptr, flags_ptr, scalars_src_ptr, scalars_ptr,
+                           CH: tl.constexpr):
         pid = tl.program_id(0)
         idx = pid * CH + tl.arange(0, CH)
         lengths = tl.load(lengths_ptr + idx, mask=idx < total, other=0)
@@ -53,6 +59,9 @@ if triton is not None:
         tl.store(chunk_neg_ptr + pid, (tl.min(lengths, axis=0) < 0).to(tl.int32))
         if pid == 0:
             tl.store(flags_ptr, 0)
+            # [n, tick] into device memory once (the source may be pinned host memory), for the later kernels
+            tl.store(scalars_ptr, tl.load(scalars_src_ptr))
+            tl.store(scalars_ptr + 1, tl.load(scalars_src_ptr + 1))
 
     @triton.jit
     def _offsets_kernel(lengths_ptr, total, chunk_sums_ptr, chunk_neg_ptr, n_chunks, scalars_ptr, offsets_ptr,
@@ -79,20 +88,24 @@ if triton is not None:
             tl.atomic_or(flags_ptr, bad.to(tl.int32) * LAYOUT)
 
     @triton.jit
-    def _commit_ids_kernel(flags_ptr, ends_ptr, n_features, counts_ptr, ids_ptr, feature_table_ptr,
-                           F_BLOCK: tl.constexpr):
+    def _commit_ids_kernel(flags_ptr, ends_ptr, n_features, counts_ptr, ids_ptr, feature_table_ptr, flags_out_ptr,
+                           COPY_OUT: tl.constexpr, F_BLOCK: tl.constexpr):
         f = tl.arange(0, F_BLOCK)
         real = f < n_features
         end = tl.load(ends_ptr + f, mask=real, other=0)
         start = tl.load(ends_ptr + f - 1, mask=real & (f > 0), other=0)
         counts = end - start
         tl.store(counts_ptr + f, counts, mask=real)
-        served = tl.load(flags_ptr) == 0
+        flags = tl.load(flags_ptr)
+        if COPY_OUT:  # to pinned host memory, read by the host in place (no copy node)
+            tl.store(flags_out_ptr, flags)
+        served = flags == 0
         table = tl.load(feature_table_ptr + f, mask=real, other=0)
         tl.atomic_add(ids_ptr + table, counts, mask=real & served)
 
 
-def _fused(t: torch.Tensor) -> bool:
+def fused_kernels(t: torch.Tensor) -> bool:
+    """Whether these functions run Triton kernels on `t` (CUDA, Triton present, not empty)."""
     return triton is not None and t.is_cuda and t.numel() > 0
 
 
@@ -105,25 +118,30 @@ class OffsetsScratch:
         self.chunk_neg = torch.zeros(self.n_chunks, dtype=torch.int32, device=device)
 
 
-def offsets_and_checks(lengths: torch.Tensor, scalars: torch.Tensor, n_features: int, batch: int,
-                       offsets: torch.Tensor, ends: torch.Tensor, flags: torch.Tensor,
+def offsets_and_checks(lengths: torch.Tensor, scalars_src: torch.Tensor, scalars: torch.Tensor, n_features: int,
+                       batch: int, offsets: torch.Tensor, ends: torch.Tensor, flags: torch.Tensor,
                        scratch: OffsetsScratch) -> None:
-    """As offsets_and_checks_torch; two kernel launches on CUDA."""
-    if not _fused(lengths):
+    """As offsets_and_checks_torch, after copying [n, tick] from `scalars_src` (with the fused kernels,
+    pinned host memory read in place) into `scalars` on the device; two kernel launches on CUDA."""
+    if not fused_kernels(lengths):
+        if scalars_src is not scalars:
+            scalars.copy_(scalars_src, non_blocking=True)
         offsets_and_checks_torch(lengths, scalars, n_features, batch, offsets, ends, flags)
         return
     total, grid = lengths.numel(), (scratch.n_chunks,)
-    _chunk_sums_kernel[grid](lengths, total, scratch.chunk_sums, scratch.chunk_neg, flags, CH=CHUNK)
+    _chunk_sums_kernel[grid](lengths, total, scratch.chunk_sums, scratch.chunk_neg, flags, scalars_src, scalars,
+                             CH=CHUNK)
     _offsets_kernel[grid](lengths, total, scratch.chunk_sums, scratch.chunk_neg, scratch.n_chunks, scalars, offsets,
                           ends, batch, flags, LAYOUT=FLAG_LAYOUT, CH=CHUNK,
                           MAX_CHUNKS=triton.next_power_of_2(scratch.n_chunks))
 
 
 def commit_ids(flags: torch.Tensor, ends: torch.Tensor, counts: torch.Tensor, ids: torch.Tensor,
-               feature_table: torch.Tensor) -> None:
-    """As commit_ids_torch; one kernel launch on CUDA."""
-    if not _fused(ends):
-        commit_ids_torch(flags, ends, counts, ids, feature_table)
+               feature_table: torch.Tensor, flags_out: Optional[torch.Tensor] = None) -> None:
+    """As commit_ids_torch; one kernel launch on CUDA (which may write `flags_out` in pinned host memory)."""
+    if not fused_kernels(ends):
+        commit_ids_torch(flags, ends, counts, ids, feature_table, flags_out)
         return
     _commit_ids_kernel[(1,)](flags, ends, ends.numel(), counts, ids, feature_table,
+                             flags_out if flags_out is not None else flags, COPY_OUT=flags_out is not None,
                              F_BLOCK=triton.next_power_of_2(ends.numel()))
