@@ -151,8 +151,12 @@ class TBECacheGroup(EmbeddingCacheGroup):
         default vector, or raise InvalidIdsError before anything changes if `invalid_is_error`. With every id
         cached this is a handful of device ops, one host sync (anything missing or invalid?) and the TBE."""
         with self.lock:
-            self._tick += 1
+            self._next_tick()
             return self._eager(values, offsets, per_sample_weights, feature_counts, invalid, invalid_is_error)
+
+    def _next_tick(self) -> None:
+        # a plain attribute write: nn.Module.__setattr__ costs microseconds on the per-lookup path
+        self.__dict__["_tick"] = self._tick + 1
 
     def lookup_kjt(self, values: torch.Tensor, lengths: torch.Tensor,
                    per_sample_weights: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -160,7 +164,7 @@ class TBECacheGroup(EmbeddingCacheGroup):
         done) -> pooled output, or None when the input needs the engine's checks (bad lengths or ids). Misses
         are handled here: the graph has validated the input, so the eager path runs without re-checking."""
         with self.lock:
-            self._tick += 1
+            self._next_tick()
             out, flags, shape = self.all_hit.lookup(values, lengths, per_sample_weights, self._tick)
             if out is not None:
                 return out
