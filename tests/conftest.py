@@ -26,7 +26,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def servers() -> Servers:
     try:
-        SERVERS.up()  # idempotent: no-op when `make test` already started them
+        SERVERS.up(take_over=False)  # no-op when `make test` (or another checkout) already started them
     except ServerError as e:
         pytest.fail(f"test servers unavailable: {e}", pytrace=False)
     return SERVERS

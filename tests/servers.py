@@ -149,9 +149,9 @@ class RedisServer:
         except Exception:
             return False
 
-    def start(self, fresh: bool = True) -> None:
+    def start(self, fresh: bool = True, take_over: bool = True) -> None:
         if self.is_up():
-            if not fresh or _owned(self.pidfile, self.port):
+            if not fresh or not take_over or _owned(self.pidfile, self.port):
                 return
             self.kill()  # left over from another checkout or an aborted run: its state is not ours
         if shutil.which("redis-server") is None:
@@ -225,9 +225,9 @@ class RedisCluster:
         except Exception:
             return False
 
-    def start(self) -> None:
+    def start(self, take_over: bool = True) -> None:
         for node in self.nodes:
-            node.start(fresh=True)
+            node.start(fresh=True, take_over=take_over)
         if self._cluster_ok():
             return
         import redis
@@ -329,9 +329,9 @@ class KafkaBroker:
         )
         return path
 
-    def start(self, fresh: bool = True) -> None:
+    def start(self, fresh: bool = True, take_over: bool = True) -> None:
         if self.is_up():
-            if not fresh or _owned(self.pidfile, self.port):
+            if not fresh or not take_over or _owned(self.pidfile, self.port):
                 return
             self.kill()  # left over from another checkout or an aborted run
         if self.pid() is not None:  # still starting (or stuck): give it a chance first
@@ -399,11 +399,14 @@ class Servers:
     def cluster_nodes(self) -> List[str]:
         return [f"{HOST}:{n.port}" for n in self.cluster.nodes]
 
-    def up(self) -> None:
+    def up(self, take_over: bool = True) -> None:
+        """Start what is not running. `take_over`: servers on our ports that another checkout or an
+        aborted run left are restarted fresh (what `make test` wants); without it they are used as they are
+        (what a pytest session wants: it must never kill servers another run is using)."""
         STATE.mkdir(parents=True, exist_ok=True)
-        self.redis.start()
-        self.cluster.start()
-        self.kafka.start()
+        self.redis.start(take_over=take_over)
+        self.cluster.start(take_over=take_over)
+        self.kafka.start(take_over=take_over)
 
     def down(self) -> None:
         errors = []
