@@ -1,20 +1,22 @@
-"""The all-hit lookup of a cache group as one CUDA graph plus one direct TBE call, with the host's only
-wait overlapped with the TBE.
+"""The all-hit lookup of a cache group as one CUDA graph, with the host's only wait overlapped with the TBE.
 
-Per (batch size, id-count bucket) a graph is captured over static buffers. From a KJT's ids and lengths it
-computes everything the engine's checks and the cache's remap compute on the eager path: per-feature id
-counts, offsets, and, in one fused kernel (remap_kernel.py), the range check, ids -> slots and the LRU/LFU
-touch; three flags (an id missed the cache, an id is out of range, lengths and ids disagree) go to pinned
-host memory, and the id counters are added only if every flag is clear. The TBE then
-runs outside the graph on the slots (so its output is a fresh tensor, not a graph buffer to copy out), and
-the host reads the flags, which landed while the TBE was queued: all clear -> return the TBE's output;
-otherwise the caller falls back to the eager path, which redoes the lookup with misses fetched or errors
-raised (a miss fallback skips its first touch; the slots were touched here with the same tick).
+Per (batch size, id-count bucket, weighted) a graph is captured over static buffers. From a KJT's ids and
+lengths as they come (no engine checks, no KJT rebuild) it computes what the engine's checks and the
+cache's remap compute on the eager path, in four Triton kernels: offsets, feature ends and the layout check
+(offsets_kernel.py), ids -> slots with the range check and the LRU/LFU touch (remap_kernel.py), then the id
+counters, added only if no flag is set. Three flags (an id missed the cache, an id is out of range, lengths
+and ids disagree) land in pinned host memory, written in place by the kernels. Small batches run the TBE in
+the graph too and copy its output out; larger ones run it right after the graph through a direct call of
+fbgemm's op, so its output is a fresh tensor. The host reads the flags (they land while the TBE is queued):
+all clear -> return the output; otherwise the caller falls back to the eager path, which redoes the lookup
+with misses fetched or errors raised (a miss fallback skips its first touch: the slots were touched here
+with the same tick).
 
 Inputs are sanitized inside the graph (ids out of range or past the batch go to a sentinel remap entry,
 offsets are clamped to the batch), so nothing reads out of bounds whatever the input; bad input only sets
 a flag. The graph reads the remap and the TBE weights in place: inserts and evictions need no re-capture.
-Without CUDA graphs (config, or a CPU group in tests) the same computation runs eagerly.
+Without CUDA graphs (config, or a CPU group in tests) the same computation runs eagerly (torch versions of
+the kernels on CPU).
 """
 from __future__ import annotations
 
@@ -173,7 +175,7 @@ class AllHitPath:
             shape.event.record()
         out = None
         if not shape.pooled_in_graph:
-            out = g.pooled_lookup(shape.slots[:n], shape.offsets, weights)  # queued behind the flags' copy
+            out = g.pooled_lookup(shape.slots[:n], shape.offsets, weights)  # queued behind the graph
         if shape.event is not None:
             shape.event.synchronize()
         flags = int(shape.flags_np[0])
