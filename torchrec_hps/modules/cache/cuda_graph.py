@@ -92,7 +92,7 @@ class _Shape:
                            self.offsets, self.ends, self.flags, self.scratch)
         remap_and_touch(self.values, self.scalars, self.ends, g.remap_tables, self.slots, self.flags)
         # id counters only if the lookup is served here (the eager fallback counts it otherwise)
-        commit_ids(self.flags, self.ends, self.counts, g._ids, g._feature_table[:F],
+        commit_ids(self.flags, self.ends, self.counts, g._ids, g._feature_table,
                    self.flags_host if self.zero_copy else None)
         if not self.zero_copy:
             self.flags_host.copy_(self.flags, non_blocking=True)

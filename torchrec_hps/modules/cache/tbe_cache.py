@@ -110,9 +110,9 @@ class TBECacheGroup(EmbeddingCacheGroup):
         slot_bases = np.concatenate([[0], np.cumsum([c + RESERVED_SLOTS for c in self.capacities])])
         self.slots = [_TableSlots(c, int(b)) for c, b in zip(self.capacities, slot_bases[:-1])]
         n_features = self.n_features = len(feature_tables)
-        # Per feature: its table's first id in the remap, first slot, and index; each with one extra entry for
-        # the dummy feature that pads CUDA-graph batches (ids on the sentinel, counts on a spare counter).
-        # The eager path only indexes real features, so both paths share these buffers.
+        # Per feature: its table's first id in the remap, first slot and row count, each with one extra entry
+        # for the all-hit kernels' positions past the batch's ids (the sentinel, slot 0 of table 0, 0 rows);
+        # and its table's index.
         ft = list(feature_tables)
 
         def per_feature(values, dummy) -> torch.Tensor:
@@ -120,18 +120,16 @@ class TBECacheGroup(EmbeddingCacheGroup):
 
         self.register_buffer("_feature_base", per_feature(self.key_base[ft], int(bases[-1])), persistent=False)
         self.register_buffer("_feature_slot_base", per_feature(slot_bases[ft], 0), persistent=False)
-        self.register_buffer("_feature_table", per_feature(ft, len(self.specs)), persistent=False)
         self.register_buffer("_feature_rows", per_feature([self.specs[t].num_rows for t in ft], 0), persistent=False)
-        self.register_buffer("_feature_arange", torch.arange(n_features + 1, device=device), persistent=False)
+        self.register_buffer("_feature_table", torch.tensor(ft, dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer("_feature_arange", torch.arange(n_features, device=device), persistent=False)
         # LRU/LFU state and hit counters on the device, so the all-hit path never waits for the host
         self.register_buffer("last_access", torch.zeros(int(slot_bases[-1]), dtype=torch.int64, device=device),
                              persistent=False)
         self.register_buffer("freq", torch.zeros(int(slot_bases[-1]), dtype=torch.int64, device=device),
                              persistent=False)
-        # counters have one extra entry: the dummy feature that pads CUDA-graph batches counts there
-        self.register_buffer("_ids", torch.zeros(len(self.specs) + 1, dtype=torch.int64, device=device),
-                             persistent=False)
-        self.register_buffer("_misses", torch.zeros(len(self.specs) + 1, dtype=torch.int64, device=device),
+        self.register_buffer("_ids", torch.zeros(len(self.specs), dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer("_misses", torch.zeros(len(self.specs), dtype=torch.int64, device=device),
                              persistent=False)
         self.stats_ = [CacheTableStats() for _ in self.specs]
         self.lock = threading.RLock()
@@ -180,7 +178,7 @@ class TBECacheGroup(EmbeddingCacheGroup):
         values = values.to(torch.int64)
         if invalid is not None:
             values = torch.where(invalid, torch.zeros_like(values), values)
-        fidx = torch.repeat_interleave(self._feature_arange[:-1], feature_counts, output_size=values.numel())
+        fidx = torch.repeat_interleave(self._feature_arange, feature_counts, output_size=values.numel())
         flat = values + self._feature_base[fidx]
         slots = self.remap[flat]
         miss = slots == MISS_SLOT
@@ -190,9 +188,9 @@ class TBECacheGroup(EmbeddingCacheGroup):
                                              miss.new_zeros(())]).tolist()
         if any_invalid and invalid_is_error:
             raise InvalidIdsError("ids out of range")
-        self._ids.index_add_(0, self._feature_table[:-1], feature_counts.to(torch.int64))
-        miss_per_feature = torch.zeros_like(self._feature_arange[:-1]).index_add_(0, fidx, miss.to(torch.int64))
-        self._misses.index_add_(0, self._feature_table[:-1], miss_per_feature)
+        self._ids.index_add_(0, self._feature_table, feature_counts.to(torch.int64))
+        miss_per_feature = torch.zeros_like(self._feature_arange).index_add_(0, fidx, miss.to(torch.int64))
+        self._misses.index_add_(0, self._feature_table, miss_per_feature)
         if not touched:  # (the all-hit path has touched them) before any eviction: protect this batch's hits
             self._touch(slots, fidx)
         overflow: Dict[int, Dict[str, np.ndarray]] = {}
