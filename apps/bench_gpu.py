@@ -1,4 +1,5 @@
-"""GPU benchmark: ours vs fbgemm DEVICE and MANAGED_CACHING on Zipf(1.09) batches (needs CUDA and fbgemm-gpu)."""
+"""GPU benchmark: ours vs fbgemm DEVICE and MANAGED_CACHING on a stream of new Zipf(1.09) batches (needs CUDA
+and fbgemm-gpu)."""
 from __future__ import annotations
 
 import argparse
@@ -16,16 +17,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--rows", type=int, default=4_000_000, help="rows per table")
     p.add_argument("--budget", type=float, default=0.1, help="HBM budget of the caches, as a share of the rows")
     p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--reps", type=int, default=30, help="timed batches per shape, each new")
+    p.add_argument("--warmup", type=int, default=20, help="untimed batches per shape before them")
     p.add_argument("--json", default="results/bench_gpu.json")
-    p.add_argument("--profile", action="store_true", help="print torch.profiler tables of our variants per shape")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of our budget variant per shape")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gpu: CUDA is not available here; run it on a GPU machine", file=sys.stderr)
         return 2
     from torchrec_hps.bench.gpu_bench import run_gpu_bench
 
-    results = run_gpu_bench(num_tables=args.tables, rows=args.rows, dim=args.dim, reps=args.reps, budget=args.budget,
+    results = run_gpu_bench(num_tables=args.tables, rows=args.rows, dim=args.dim, reps=args.reps, warmup=args.warmup, budget=args.budget,
                             profile=args.profile)
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:

@@ -124,14 +124,21 @@ class StorageConfig:
 EVICTION_POLICIES: Tuple[str, ...] = ("lru", "lfu")
 UNKNOWN_KEY_POLICIES: Tuple[str, ...] = ("error", "default")
 CACHE_DTYPES: Tuple[str, ...] = ("fp32", "fp16")
+ADMISSION_POLICIES: Tuple[str, ...] = ("always", "second_access", "never")
 
 
 @dataclass
 class CacheConfig:
-    """The module's embedding cache (GPU HBM with CUDA, host memory without), per table."""
+    """The module's embedding cache, per table. With CUDA two levels: HBM (`cache_ratio`) over a host level
+    in host-mapped memory that the GPU reads in place (`host_cache_ratio`); without CUDA one level, in host
+    memory (`cache_ratio`)."""
 
-    cache_ratio: float = 0.1  # share of each table's rows the cache holds (HPS's gpucacheper)
+    cache_ratio: float = 0.1  # share of each table's rows the cache holds in HBM (HPS's gpucacheper)
     cache_rows: Optional[int] = None  # or an absolute number of rows per table (wins over cache_ratio)
+    host_cache_ratio: float = 1.0  # CUDA: share of each table's rows in the host level (1.0: every row)
+    host_cache_rows: Optional[int] = None  # or an absolute number (wins; needed for hashed ids)
+    admission: str = "always"  # into HBM: "always", "second_access" (first reads served from host memory), "never"
+    hashed_ids: bool = False  # ids are raw 64-bit hashes: any id >= 0 (num_embeddings only sizes the caches)
     min_cache_rows: int = 1024  # small tables are cached whole up to this many rows, whatever the ratio
     hit_rate_threshold: float = 0.9  # below it a lookup waits for missing rows; at or above, default now
     eviction: str = "lru"
@@ -148,6 +155,10 @@ class CacheConfig:
         _check_choice("cache", "eviction", self.eviction, EVICTION_POLICIES)
         _check_choice("cache", "unknown_keys", self.unknown_keys, UNKNOWN_KEY_POLICIES)
         _check_choice("cache", "cache_dtype", self.cache_dtype, CACHE_DTYPES)
+        _check_choice("cache", "admission", self.admission, ADMISSION_POLICIES)
+        _check_range("cache", "host_cache_ratio", self.host_cache_ratio, 0.0, 1.0)
+        if self.host_cache_rows is not None and self.host_cache_rows <= 0:
+            raise ValueError(f"cache.host_cache_rows={self.host_cache_rows} must be positive")
         if self.min_cache_rows < 0:
             raise ValueError(f"cache.min_cache_rows={self.min_cache_rows} must be >= 0")
         if self.cache_rows is not None and self.cache_rows <= 0:
@@ -156,10 +167,16 @@ class CacheConfig:
             raise ValueError("cache.cache_ratio must be > 0 (or give cache_rows)")
 
     def rows_for(self, num_embeddings: int) -> int:
-        if self.cache_rows is not None:
-            rows = self.cache_rows
-        else:
-            rows = max(int(round(self.cache_ratio * num_embeddings)), self.min_cache_rows)
+        """Rows of a table cached in the device's own memory (HBM, or host memory without CUDA)."""
+        return self._rows(self.cache_rows, self.cache_ratio, num_embeddings)
+
+    def host_rows_for(self, num_embeddings: int) -> int:
+        """Rows of a table in the host level under HBM (at least as many as HBM holds)."""
+        return max(self._rows(self.host_cache_rows, self.host_cache_ratio, num_embeddings),
+                   self.rows_for(num_embeddings))
+
+    def _rows(self, absolute: Optional[int], ratio: float, num_embeddings: int) -> int:
+        rows = absolute if absolute is not None else max(int(round(ratio * num_embeddings)), self.min_cache_rows)
         return max(1, min(rows, num_embeddings))
 
 

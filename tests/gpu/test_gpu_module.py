@@ -1,5 +1,6 @@
-"""The CUDA path: cache rows in HBM, remap on the device, fbgemm TBE (DEVICE). Collected only where CUDA
-is available (the project's H100 runs); CI's CPU path is tested in tests/modules."""
+"""The CUDA path: rows in HBM over a host-mapped host level, the index probed on the device, fbgemm's TBE
+reading both levels. Collected only where CUDA is available (the lent GPU); CI's CPU path is tested in
+tests/modules."""
 from __future__ import annotations
 
 import pytest
@@ -10,6 +11,7 @@ from torchrec_hps.config import CacheConfig, HPSConfig, MemoryTierConfig, RocksD
 from torchrec_hps.modules import HPSEmbeddingBagCollection
 from torchrec_hps.storage import StorageHierarchy, bulk_load
 from tests.modules.conftest import SUM_TABLES, TABLES, random_kjt
+from tests.modules.test_lookup_path import check_hbm_level
 
 pytestmark = pytest.mark.gpu
 
@@ -24,16 +26,33 @@ def _setup(tmp_path, ratio, threshold, tables=TABLES, **cache):
     return ref, storage, HPSEmbeddingBagCollection(tables, cfg, storage=storage, device="cuda")
 
 
+@pytest.mark.parametrize("host_ratio", [1.0, 0.3])
 @pytest.mark.parametrize("ratio", [0.01, 0.1, 1.0])
-def test_cuda_module_equals_torchrec_sync(tmp_path, ratio):
-    ref, storage, hps = _setup(tmp_path, ratio, threshold=1.0)
+def test_cuda_module_equals_torchrec_sync(tmp_path, ratio, host_ratio):
+    ref, storage, hps = _setup(tmp_path, ratio, threshold=1.0, host_cache_ratio=host_ratio)
     gen = torch.Generator().manual_seed(0)
     for _ in range(6):
         kjt = random_kjt(TABLES, 32, gen=gen)
         out = hps(kjt.to(torch.device("cuda")))
         assert out.values().is_cuda
         torch.testing.assert_close(out.values().cpu(), ref(kjt).values().detach(), rtol=1e-5, atol=1e-5)
-    assert hps.stats()["t3"]["hits"] > 0
+        for g in hps.engine.groups:
+            check_hbm_level(g)
+    assert hps.stats()["t3"]["hits"] > 0  # ids served from HBM
+    hps.close()
+    storage.close()
+
+
+@pytest.mark.parametrize("admission", ["always", "second_access", "never"])
+def test_cuda_admission_policies(tmp_path, admission):
+    ref, storage, hps = _setup(tmp_path, 0.1, threshold=1.0, tables=SUM_TABLES, admission=admission)
+    gen = torch.Generator().manual_seed(8)
+    for _ in range(6):
+        kjt = random_kjt(SUM_TABLES, 64, gen=gen)
+        torch.testing.assert_close(hps(kjt.to(torch.device("cuda"))).values().cpu(), ref(kjt).values().detach(),
+                                   rtol=1e-5, atol=1e-5)
+    held = check_hbm_level(hps.engine.groups[0])
+    assert (held == 0) == (admission == "never")
     hps.close()
     storage.close()
 
@@ -44,9 +63,8 @@ def test_cuda_module_async_then_exact(tmp_path, ratio):
     kjt = random_kjt(TABLES, 16, gen=torch.Generator().manual_seed(1))
     hps(kjt.to(torch.device("cuda")))  # all misses: defaults now, rows inserted in the background
     hps.wait_idle()
-    if ratio == 1.0:
-        torch.testing.assert_close(hps(kjt.to(torch.device("cuda"))).values().cpu(), ref(kjt).values().detach(),
-                                   rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hps(kjt.to(torch.device("cuda"))).values().cpu(), ref(kjt).values().detach(),
+                               rtol=1e-5, atol=1e-5)  # the host level holds them now
     assert hps.stats()["t3"]["async_lookups"] >= 1
     hps.close()
     storage.close()
@@ -55,13 +73,13 @@ def test_cuda_module_async_then_exact(tmp_path, ratio):
 @pytest.mark.parametrize("graphs,pooled_in_graph,weighted,zero_copy", [
     (True, True, False, True), (True, False, False, True), (True, False, True, True), (False, False, False, True),
     (True, True, False, False)])
-def test_all_hit_path_serves_all_hit_lookups_exactly(tmp_path, monkeypatch, graphs, pooled_in_graph, weighted,
+def test_lookup_graphs_serve_all_hit_lookups_exactly(tmp_path, monkeypatch, graphs, pooled_in_graph, weighted,
                                                      zero_copy):
-    from torchrec_hps.modules.cache import cuda_graph
+    from torchrec_hps.modules.cache import lookup_path
 
     if not pooled_in_graph:
-        monkeypatch.setattr(cuda_graph, "POOLED_IN_GRAPH_MAX_BYTES", 0)
-    monkeypatch.setattr(cuda_graph, "ZERO_COPY", zero_copy)
+        monkeypatch.setattr(lookup_path, "POOLED_IN_GRAPH_MAX_BYTES", 0)
+    monkeypatch.setattr(lookup_path, "ZERO_COPY", zero_copy)
     ref = EmbeddingBagCollection(tables=SUM_TABLES, is_weighted=weighted)
     storage = StorageHierarchy.from_config(StorageConfig(memory=MemoryTierConfig(capacity=100),
                                                          rocksdb=RocksDBTierConfig(path=str(tmp_path / "db"))))
@@ -71,6 +89,8 @@ def test_all_hit_path_serves_all_hit_lookups_exactly(tmp_path, monkeypatch, grap
     hps = HPSEmbeddingBagCollection(SUM_TABLES, cfg, storage=storage, device="cuda", is_weighted=weighted)
     for t in SUM_TABLES:
         hps.prefill(t.name, torch.arange(t.num_embeddings))
+    (group,) = hps.engine.groups
+    assert check_hbm_level(group) == sum(t.num_embeddings for t in SUM_TABLES)  # prefill filled HBM too
     gen = torch.Generator().manual_seed(3)
     n_ids, outs = 0, []
     for batch in (8, 8, 32, 8, 1):
@@ -80,21 +100,21 @@ def test_all_hit_path_serves_all_hit_lookups_exactly(tmp_path, monkeypatch, grap
         outs.append(out)
         torch.testing.assert_close(out.cpu(), ref(kjt).values().detach(), rtol=1e-5, atol=1e-5)
     assert outs[0].data_ptr() != outs[1].data_ptr()  # each lookup's output is its own tensor
-    (group,) = hps.engine.groups
-    assert group.all_hit.served == 5 and group.all_hit.fallbacks == 0
-    shape = group.all_hit._shapes[(8, 1024, weighted)]
+    assert group.path.runs == 5 and group.path.reruns == 0
+    shape = group.path._shapes[(8, 1024, weighted)]
     assert (shape.graph is not None) == graphs and shape.pooled_in_graph == (graphs and pooled_in_graph)
-    assert shape.zero_copy == zero_copy  # the H100 with Triton: kernels use the pinned buffers in place
+    assert shape.zero_copy == zero_copy  # with Triton on the GPU: kernels use the pinned buffers in place
     s = hps.stats()
     assert sum(s[t.name]["ids"] for t in SUM_TABLES) == n_ids
-    assert all(s[t.name]["hits"] == s[t.name]["ids"] for t in SUM_TABLES)
+    assert all(s[t.name]["hits"] == s[t.name]["ids"] for t in SUM_TABLES)  # every id from HBM
     hps.close()
     storage.close()
 
 
 @pytest.mark.parametrize("cache_dtype", ["fp32", "fp16"])
-def test_all_hit_path_falls_back_on_misses_and_bad_input(tmp_path, cache_dtype):
-    ref, storage, hps = _setup(tmp_path, 0.1, threshold=1.0, tables=SUM_TABLES, cache_dtype=cache_dtype)
+def test_lookup_runs_again_on_misses_and_bad_input_gets_errors(tmp_path, cache_dtype):
+    ref, storage, hps = _setup(tmp_path, 0.1, threshold=1.0, tables=SUM_TABLES, cache_dtype=cache_dtype,
+                               host_cache_ratio=0.3)
     tol = 1e-5 if cache_dtype == "fp32" else 3e-3
     gen = torch.Generator().manual_seed(4)
     kjts = [random_kjt(SUM_TABLES, 16, gen=gen) for _ in range(3)]
@@ -102,7 +122,7 @@ def test_all_hit_path_falls_back_on_misses_and_bad_input(tmp_path, cache_dtype):
         torch.testing.assert_close(hps(kjt.to(torch.device("cuda"))).values().cpu(), ref(kjt).values().detach(),
                                    rtol=tol, atol=tol)
     (group,) = hps.engine.groups
-    assert group.all_hit.fallbacks > 0
+    assert group.path.reruns > 0
     from torchrec import KeyedJaggedTensor
 
     keys = ["f1", "f3", "f2", "f4"]
@@ -115,6 +135,73 @@ def test_all_hit_path_falls_back_on_misses_and_bad_input(tmp_path, cache_dtype):
     kjt = kjts[0]
     torch.testing.assert_close(hps(kjt.to(torch.device("cuda"))).values().cpu(), ref(kjt).values().detach(),
                                rtol=tol, atol=tol)
+    hps.close()
+    storage.close()
+
+
+def test_cuda_hashed_ids(tmp_path):
+    """Raw 64-bit hashes on the GPU path: any id >= 0, the module sized by num_embeddings."""
+    from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
+
+    tables = [EmbeddingBagConfig(name="h", embedding_dim=16, num_embeddings=4096, feature_names=["fh"])]
+    storage = StorageHierarchy.from_config(StorageConfig(rocksdb=RocksDBTierConfig(path=str(tmp_path / "db"))))
+    cfg = HPSConfig(model="gpuhash", cache=CacheConfig(cache_rows=256, host_cache_rows=1024, hit_rate_threshold=1.0,
+                                                       hashed_ids=True))
+    hps = HPSEmbeddingBagCollection(tables, cfg, storage=storage, device="cuda")
+    gen = torch.Generator().manual_seed(9)
+    ids = torch.unique(torch.randint(0, 2**62, (3000,), generator=gen) * 2 + 1)
+    rows = torch.randn(len(ids), 16, generator=gen)
+    storage.put(hps.engine.specs[0].key, ids, rows)
+    row_of = dict(zip(ids.tolist(), rows))
+    for _ in range(5):
+        pick = ids[torch.randint(0, len(ids), (512,), generator=gen)]
+        out = hps(KeyedJaggedTensor(keys=["fh"], values=pick.cuda(), lengths=torch.full((256,), 2).cuda())).values()
+        want = torch.stack([row_of[int(pick[2 * b])] + row_of[int(pick[2 * b + 1])] for b in range(256)])
+        torch.testing.assert_close(out.cpu(), want, rtol=1e-5, atol=1e-5)
+        check_hbm_level(hps.engine.groups[0])
+    hps.close()
+    storage.close()
+
+
+def test_updates_during_lookups_are_never_served_torn_or_stale(tmp_path):
+    """A thread rewrites rows (tiers, then the module) while lookups run: every row served is one whole
+    version, never older than the last update that returned before the lookup began."""
+    import threading
+
+    from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
+
+    tables = [EmbeddingBagConfig(name="u", embedding_dim=32, num_embeddings=2000, feature_names=["fu"])]
+    storage = StorageHierarchy.from_config(StorageConfig(rocksdb=RocksDBTierConfig(path=str(tmp_path / "db"))))
+    cfg = HPSConfig(model="gpuupd", cache=CacheConfig(cache_ratio=0.05, hit_rate_threshold=1.0))
+    hps = HPSEmbeddingBagCollection(tables, cfg, storage=storage, device="cuda")
+    key = hps.engine.specs[0].key
+    ids = torch.arange(2000)
+    storage.put(key, ids, torch.zeros(2000, 32))
+    done, version = threading.Event(), [0]
+
+    def updater():
+        for v in range(1, 41):
+            hot = torch.arange(0, 2000, 7)
+            rows = torch.full((len(hot), 32), float(v))
+            storage.put(key, hot, rows)
+            hps.update("u", hot, rows)
+            version[0] = v
+        done.set()
+
+    th = threading.Thread(target=updater)
+    th.start()
+    gen = torch.Generator().manual_seed(10)
+    lookups = 0
+    while not done.is_set() or lookups < 5:
+        floor = version[0]
+        pick = torch.arange(0, 2000, 7)[torch.randint(0, 286, (1024,), generator=gen)]
+        out = hps(KeyedJaggedTensor(keys=["fu"], values=pick.cuda(), lengths=torch.ones(1024, dtype=torch.int64).cuda()))
+        vals = out.values().cpu()
+        assert bool((vals == vals[:, :1]).all()), "a row mixes two versions"
+        assert float(vals.min()) >= floor, f"a row older than version {floor} was served"
+        lookups += 1
+    th.join()
+    assert lookups > 5
     hps.close()
     storage.close()
 

@@ -38,7 +38,7 @@ def test_cache_far_smaller_than_tables_evicts_and_counts(make_hps):
         kjt = random_kjt(TABLES, 4, max_len=2, gen=gen)
         _assert_same(hps(kjt), ref(kjt))
     s = hps.stats()
-    assert s["t3"]["capacity"] == 25 and s["t3"]["cached_rows"] <= 25
+    assert s["t3"]["capacity"] == 32 and s["t3"]["cached_rows"] <= 32  # 25 rows, rounded up to 2 sets of 16
     assert s["t3"]["evicted"] > 0 and s["t3"]["hits"] > 0 and s["t3"]["misses"] > 0
     assert s["t3"]["hits"] + s["t3"]["misses"] == s["t3"]["ids"] > 0
     assert 0 < s["t3"]["unique_misses"] <= s["t3"]["misses"]
@@ -54,17 +54,18 @@ def _kjt(feature_ids):
 
 
 def test_lru_eviction_order(make_hps):
-    ref, hps = make_hps(cache=CacheConfig(cache_rows=3, hit_rate_threshold=1.0, eviction="lru"))
-    for ids in ([1], [2], [3], [1], [4]):  # 2 is the least recently used when 4 arrives
+    # 16 rows = one set of 16 ways: the 17th id evicts the least recently used
+    ref, hps = make_hps(cache=CacheConfig(cache_rows=16, hit_rate_threshold=1.0, eviction="lru"))
+    for ids in [[k] for k in range(16)] + [[0], [16]]:  # 1 is the least recently used when 16 arrives
         hps(_kjt({"f4": ids}))
-    assert hps.cached_keys("t3").tolist() == [1, 3, 4]
+    assert hps.cached_keys("t3").tolist() == [0] + list(range(2, 17))
 
 
 def test_lfu_eviction_order(make_hps):
-    ref, hps = make_hps(cache=CacheConfig(cache_rows=3, hit_rate_threshold=1.0, eviction="lfu"))
-    for ids in ([1], [1], [2], [2], [3], [4]):  # 3 is used least often (ties to the oldest)
+    ref, hps = make_hps(cache=CacheConfig(cache_rows=16, hit_rate_threshold=1.0, eviction="lfu"))
+    for ids in [[k] for k in range(16)] + [[k] for k in range(1, 16)] + [[16]]:  # 0 is used least often
         hps(_kjt({"f4": ids}))
-    assert hps.cached_keys("t3").tolist() == [1, 2, 4]
+    assert hps.cached_keys("t3").tolist() == list(range(1, 17))
 
 
 def test_async_mode_serves_defaults_then_cached_rows(make_hps):
@@ -175,11 +176,12 @@ def test_update_invalidate_prefill_refresh(make_hps):
 
 
 def test_prefill_hottest_first_from_counts(make_hps):
-    ref, hps = make_hps(cache=CacheConfig(cache_rows=3, hit_rate_threshold=1.0))
+    ref, hps = make_hps(cache=CacheConfig(cache_rows=16, hit_rate_threshold=1.0))  # one set of 16 ways
     counts = torch.zeros(500)
-    counts[[40, 7, 300, 12]] = torch.tensor([5.0, 9.0, 1.0, 7.0])
-    assert hps.prefill_from_counts("t3", counts) == 3
-    assert hps.cached_keys("t3").tolist() == [7, 12, 40]
+    hot = torch.arange(20) * 7 + 3
+    counts[hot] = torch.arange(20, 0, -1).float()  # hottest first
+    assert hps.prefill_from_counts("t3", counts) == 16
+    assert hps.cached_keys("t3").tolist() == sorted(hot[:16].tolist())
     with pytest.raises(ValueError, match="counts must be 1-D with 500 entries"):
         hps.prefill_from_counts("t3", torch.zeros(10))
 

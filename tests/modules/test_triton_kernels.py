@@ -1,4 +1,4 @@
-"""The all-hit path's Triton kernels (launched on CUDA) checked on CPU through Triton's interpreter against
+"""The lookup's Triton kernels (launched on CUDA) checked on CPU through Triton's interpreter against
 the torch reference that CPU lookups use; the GPU tests check it end to end on the device."""
 from __future__ import annotations
 
@@ -15,5 +15,5 @@ def test_triton_kernels_equal_torch_references():
     out = subprocess.run([sys.executable, "-m", "tests.modules.triton_kernel_check"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "remap kernel matches the torch reference" in out.stdout
+    assert "probe and admission kernels match the torch reference" in out.stdout
     assert "offsets kernels match the torch reference" in out.stdout

@@ -1,5 +1,5 @@
 """Run as `TRITON_INTERPRET=1 python -m tests.modules.triton_kernel_check`: the all-hit path's Triton kernels
-(remap_kernel.py, offsets_kernel.py), run by Triton's interpreter on the CPU, against their torch references
+(probe_kernel.py, hbm_level.py, offsets_kernel.py), run by Triton's interpreter on the CPU, against their torch references
 on random inputs (test_triton_kernels.py)."""
 from __future__ import annotations
 
@@ -9,52 +9,143 @@ import sys
 import torch
 
 
-def check_remap() -> None:
-    import triton
-
-    from torchrec_hps.modules.cache.remap_kernel import (BLOCK, MISS_SLOT, RemapTables, _remap_touch_kernel,
-                                                         remap_and_touch_torch)
+def _two_levels(lfu: bool, hbm: bool, admission: int):
+    """A host index of 4 tables (one direct-mapped) with ids inserted, and an HBM level holding some."""
+    from torchrec_hps.modules.cache.hbm_level import HBMLevel, HostRowLayout
+    from torchrec_hps.modules.cache.probe_kernel import ProbeTables
+    from torchrec_hps.modules.cache.set_index import SetIndex
 
     g = torch.Generator().manual_seed(0)
-    rows = torch.tensor([200, 60, 500, 30])
-    n_features = len(rows)
-    base = torch.cat([torch.zeros(1, dtype=torch.int64), rows.cumsum(0)])
-    remap = torch.randint(0, 50, (int(base[-1]) + 1,), generator=g, dtype=torch.int32)
-    remap[-1] = 1  # the sentinel: ABSENT
-    slot_base = torch.tensor([0, 52, 114, 616, 0])
+    rows = [200, 60, 500, 30]
+    caps = [48, 60, 96, 16]
+    index = SetIndex(caps, torch.device("cpu"), lfu=lfu, whole=[False, True, False, False])
+    for t, (r, c) in enumerate(zip(rows, caps)):
+        ids = torch.randperm(r, generator=g)[:c - 8] if t != 1 else torch.arange(r)
+        index.insert(torch.full_like(ids, t), ids, tick=3, protect_tick=3)
+    index.ticks[index.keys >= 0] = torch.randint(1, 6, (int((index.keys >= 0).sum()),), generator=g,
+                                                 dtype=torch.int32)
+    level = None
+    if hbm:
+        level = HBMLevel(64, 64, index.num_entries, torch.device("cpu"))
+        held = torch.nonzero(index.keys >= 0).view(-1)[::3][:40]
+        level.hbm_of_host[held] = torch.arange(len(held), dtype=torch.int32)
+        level.tags[:len(held)] = held.to(torch.int32)
+        level.ticks[:len(held)] = 2
+    words = torch.randint(-1000, 1000, (sum((c + 1) * 8 for c in index.capacities),), generator=g, dtype=torch.int32)
+    offsets = [0]
+    for c in index.capacities[:-1]:
+        offsets.append(offsets[-1] + (c + 1) * 8)
+    layout = HostRowLayout(words=words, entry_base=index.entry_base, word_offset=torch.tensor(offsets),
+                           row_words=torch.full((4,), 8), max_row_words=8)
+    ft = [0, 1, 2, 3, 0]  # feature -> table (two features share table 0)
 
-    def tables(lfu: bool) -> RemapTables:
-        return RemapTables(torch.cat([rows, torch.zeros(1, dtype=torch.int64)]), base.clone(), slot_base, remap,
-                           torch.zeros(700, dtype=torch.int64), torch.zeros(700, dtype=torch.int64) if lfu else None)
+    def per_feature(vals, dummy):
+        return torch.tensor(list(vals) + [dummy], dtype=torch.int64)
 
-    seen_flags = set()
+    tables = ProbeTables(
+        feature_rows=per_feature([rows[t] for t in ft], 0),
+        feature_set_base=per_feature(index.set_base[ft].tolist(), 0),
+        feature_n_sets=per_feature(index.n_sets[ft].tolist(), 1),
+        feature_entry_base=per_feature(index.entry_base[ft].tolist(), 0),
+        feature_direct=per_feature(index.direct[ft].tolist(), 0).to(torch.bool),
+        keys=index.keys, ticks=index.ticks, freq=index.freq,
+        hbm_of_host=level.hbm_of_host if level else None, hbm_ticks=level.ticks if level else None,
+        admission=admission)
+    return index, level, layout, tables, ft
+
+
+def _clone_state(index, level):
+    return [x.clone() for x in (index.ticks, index.freq if index.freq is not None else index.ticks)] + \
+        ([x.clone() for x in (level.tags, level.ticks, level.hbm_of_host, level.rows)] if level else [])
+
+
+def _restore(index, level, state):
+    index.ticks.copy_(state[0])
+    if index.freq is not None:
+        index.freq.copy_(state[1])
+    if level:
+        for x, y in zip((level.tags, level.ticks, level.hbm_of_host, level.rows), state[2:]):
+            x.copy_(y)
+
+
+def check_probe_and_admission() -> None:
+    import triton
+
+    from torchrec_hps.modules.cache import hbm_level as hl
+    from torchrec_hps.modules.cache import probe_kernel as pk
+    from torchrec_hps.modules.cache.layout import ADMIT_ALWAYS, ADMIT_NEVER, ADMIT_SECOND, HBM_WAYS, WAYS
+
+    g = torch.Generator().manual_seed(2)
+    seen_flags, admitted = set(), 0
     for trial in range(8):
-        bucket = 2048
-        n = int(torch.randint(0, bucket, (1,), generator=g))
+        lfu, hbm = trial % 2 == 1, trial % 4 != 3
+        admission = [ADMIT_ALWAYS, ADMIT_SECOND, ADMIT_ALWAYS, ADMIT_NEVER][trial % 4]
+        index, level, layout, tables, ft = _two_levels(lfu, hbm, admission)
+        bucket, n_features = 1024, len(ft)
+        n = int(torch.randint(1, bucket, (1,), generator=g))
         ends = torch.minimum(torch.randint(0, n + 1, (n_features,), generator=g).cumsum(0), torch.tensor(n))
-        low = -3 if trial % 2 else 0  # odd trials include out-of-range ids
-        values = torch.randint(low, 30, (bucket,), generator=g)
-        if trial >= 6:
-            values[:] = 3
-            remap[base[:-1] + 3] = 5  # id 3 cached in every table: an all-hit batch
-        scalars = torch.tensor([n, 7 + trial])
-        for lfu in (False, True):
-            ref, out = tables(lfu), tables(lfu)
-            ref_slots, out_slots = torch.zeros(bucket, dtype=torch.int32), torch.zeros(bucket, dtype=torch.int32)
-            ref_flags, out_flags = torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
-            remap_and_touch_torch(values, scalars, ends, ref, ref_slots, ref_flags)
-            _remap_touch_kernel[(triton.cdiv(bucket, BLOCK),)](
-                values, scalars, ends, n_features, out.feature_rows, out.feature_base, out.feature_slot_base,
-                out.remap, out.last_access, out.freq if lfu else out.last_access, out_slots, out_flags, bucket,
-                MISS=MISS_SLOT, SEARCH_STEPS=n_features.bit_length() + 1, LFU=lfu, BLOCK_SIZE=BLOCK)
-            assert torch.equal(ref_slots, out_slots), f"trial {trial}: slots differ"
-            assert torch.equal(ref_flags, out_flags), f"trial {trial}: flags {ref_flags} vs {out_flags}"
-            assert torch.equal(ref.last_access, out.last_access), f"trial {trial}: LRU ticks differ"
-            if lfu:
-                assert torch.equal(ref.freq, out.freq), f"trial {trial}: LFU counts differ"
-            seen_flags.add(int(ref_flags))
-    assert {0, 1, 3} <= seen_flags, f"the trials did not cover hits and misses: {seen_flags}"
-    print(f"remap kernel matches the torch reference; flags seen {sorted(seen_flags)}")
+        ends[-1] = n
+        # each position's id: mostly one its table holds, else random (misses; bad ids on odd trials);
+        # the last two trials only held ids (all hits)
+        fidx = torch.searchsorted(ends, torch.arange(bucket), right=True).clamp(max=n_features - 1)
+        values = torch.randint(-2 if trial % 2 else 0, 30, (bucket,), generator=g)
+        for f, t in enumerate(ft):
+            held = index.keys[index.entry_base[t]:index.entry_base[t] + index.capacities[t]]
+            held = held[held >= 0]
+            at = fidx == f
+            pick = held[torch.randint(0, len(held), (int(at.sum()),), generator=g)]
+            keep = torch.rand(len(pick), generator=g) < (1.0 if trial >= 6 else 0.7)
+            values[at] = torch.where(keep, pick, values[at])
+        scalars = torch.tensor([n, 9, 1, 6])
+        state = _clone_state(index, level)
+        results = []
+        for fused in (False, True):
+            _restore(index, level, state)
+            out = pk.ProbeOut(slots=torch.full((bucket,), -7, dtype=torch.int32),
+                              locs=torch.full((bucket,), -7, dtype=torch.int32),
+                              entries=torch.full((bucket,), -7, dtype=torch.int32),
+                              cand=torch.zeros(bucket, dtype=torch.int32), cand_count=torch.zeros(1, dtype=torch.int32),
+                              flags=torch.zeros(1, dtype=torch.int32), counts=torch.zeros(4, n_features, dtype=torch.int64))
+            if fused:
+                pk.launch_probe(values, scalars, ends, tables, out)
+            else:
+                pk.probe_torch(values, scalars, ends, tables, out)
+            cands = torch.sort(out.cand[:int(out.cand_count)]).values
+            victims = torch.full((bucket,), -7, dtype=torch.int32)
+            if level is not None:
+                c = int(out.cand_count)
+                out.cand[:c] = cands  # the same candidate order into both admissions
+                if fused:
+                    level.set_fill.zero_()
+                    grid = (triton.cdiv(bucket, hl.BLOCK),)
+                    hl._select_kernel[grid](out.cand, out.cand_count, scalars, level.set_fill, level.tags, level.ticks,
+                                            victims, level.n_sets, DIRECT=level.direct, W=HBM_WAYS,
+                                            BLOCK_SIZE=hl.BLOCK)
+                    hl._apply_kernel[grid](out.cand, out.cand_count, scalars, victims, level.tags, level.ticks,
+                                           level.hbm_of_host, layout.words, layout.entry_base, layout.word_offset,
+                                           layout.row_words, 4, level.row_words, level.row_words.shape[1],
+                                           SEARCH_STEPS=3, MAX_WORDS=8, BLOCK_SIZE=hl.BLOCK)
+                    hl._relocate_kernel[(1,)](out.entries, out.locs, level.hbm_of_host, bucket, BLOCK_SIZE=1024)
+                else:
+                    level._admit_torch(out.cand, c, victims, 9, layout)
+                    hl.relocate(out.entries, out.locs, level.hbm_of_host)
+                admitted += int((victims[:c] >= 0).sum())
+            results.append((out.slots.clone(), out.locs.clone(), out.entries.clone(), out.flags.clone(),
+                            out.counts.clone(), cands, index.ticks.clone(),
+                            index.freq.clone() if lfu else None, victims.clone(),
+                            *(x.clone() for x in ((level.tags, level.ticks, level.hbm_of_host, level.rows)
+                                                  if level else ()))))
+        names = ("slots", "locs", "entries", "flags", "counts", "candidates", "host ticks", "LFU counts", "victims",
+                 "HBM tags", "HBM ticks", "HBM pointers", "HBM rows")
+        for name, ref, got in zip(names, *results):
+            if ref is not None:
+                assert torch.equal(ref, got), f"trial {trial}: {name} differ"
+        seen_flags.add(int(results[0][3]))
+    assert {0, 1, 3} <= seen_flags, f"the trials did not cover hits, misses and bad ids: {seen_flags}"
+    assert admitted > 0, "no trial admitted a row into HBM"
+    assert WAYS == 16 and HBM_WAYS == 16
+    print(f"probe and admission kernels match the torch reference; flags seen {sorted(seen_flags)}, "
+          f"{admitted} rows admitted")
 
 
 def check_offsets() -> None:
@@ -73,33 +164,33 @@ def check_offsets() -> None:
             lengths[int(torch.randint(0, len(lengths), (1,), generator=g))] = -2  # a negative length
         if trial % 4 == 2:
             n += 3  # ids and lengths disagree
-        scalars = torch.tensor([n, 5])
+        scalars = torch.tensor([n, 5, trial % 3, 6])  # counted on 2 of 3 trials (if no blocking flag)
         outs = []
         for fused in (False, True):
             offsets = torch.full((n_features * batch + 1,), -7, dtype=torch.int32)
             ends = torch.full((n_features,), -7, dtype=torch.int64)
-            counts = torch.full((n_features,), -7, dtype=torch.int64)
             flags = torch.full((1,), 9, dtype=torch.int32)
-            ids = torch.arange(4, dtype=torch.int64)
+            totals = torch.arange(12, dtype=torch.int64).view(4, 3)
             flags_out = torch.full((1,), 13, dtype=torch.int32)
             table = torch.arange(n_features) % 3
+            counts = torch.randint(0, 9, (4, n_features), generator=torch.Generator().manual_seed(trial))
             if fused:
                 scratch = ok.OffsetsScratch(lengths.numel(), lengths.device)
                 grid = (scratch.n_chunks,)
-                dev_scalars = torch.zeros(2, dtype=torch.int64)
+                dev_scalars = torch.zeros(4, dtype=torch.int64)
                 ok._chunk_sums_kernel[grid](lengths, lengths.numel(), scratch.chunk_sums, scratch.chunk_neg, flags,
                                             scalars, dev_scalars, CH=ok.CHUNK)
                 assert torch.equal(dev_scalars, scalars), "the scalars were not copied"
                 ok._offsets_kernel[grid](lengths, lengths.numel(), scratch.chunk_sums, scratch.chunk_neg,
                                          scratch.n_chunks, dev_scalars, offsets, ends, batch, flags, LAYOUT=ok.FLAG_LAYOUT,
                                          CH=ok.CHUNK, MAX_CHUNKS=triton.next_power_of_2(scratch.n_chunks))
-                ok._commit_ids_kernel[(1,)](flags, ends, n_features, counts, ids, table, flags_out, COPY_OUT=True,
-                                            F_BLOCK=triton.next_power_of_2(n_features))
+                ok._commit_counts_kernel[(1,)](flags, dev_scalars, counts, n_features, totals, 3, table, flags_out,
+                                               COPY_OUT=True, F_BLOCK=triton.next_power_of_2(n_features))
             else:
                 ok.offsets_and_checks_torch(lengths, scalars, n_features, batch, offsets, ends, flags)
-                ok.commit_ids_torch(flags, ends, counts, ids, table, flags_out)
-            outs.append((offsets, ends, counts, flags, ids, flags_out))
-        for name, ref, out in zip(("offsets", "ends", "counts", "flags", "ids", "flags copy"), *outs):
+                ok.commit_counts_torch(flags, scalars, counts, totals, table, flags_out)
+            outs.append((offsets, ends, totals, flags, flags_out))
+        for name, ref, out in zip(("offsets", "ends", "totals", "flags", "flags copy"), *outs):
             assert torch.equal(ref, out), f"trial {trial}: {name} differ: {ref} vs {out}"
         seen.add(int(outs[0][3]))
     assert seen == {0, ok.FLAG_LAYOUT}, seen
@@ -108,7 +199,7 @@ def check_offsets() -> None:
 
 def main() -> int:
     assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before importing triton"
-    check_remap()
+    check_probe_and_admission()
     check_offsets()
     return 0
 

@@ -1,9 +1,11 @@
 """HPSEngine: what serves an HPSEmbeddingBagCollection's lookups (the module itself is a thin,
 scriptable front that calls the `torchrec_hps::pooled_lookup` op, which calls this).
 
-Data flow: KJT -> input checks -> one feature permutation into group order -> per pooling group, the
-cache (remap ids to slots, fetch misses from the tiers, fbgemm TBE over the slots) -> pooled values in the
-tables' feature order. The engine is a plain object, not an nn.Module, so that TorchScript and torch.export
+Data flow: KJT -> per pooling group, the cache (cache/cache_group.py: probe both levels for every id,
+fetch what neither holds from the tiers, fbgemm TBE over the rows) -> pooled values in the tables' feature
+order. A KJT already in the group's feature order goes straight to the group, whose kernels flag bad input;
+anything else (another feature order, several groups, bad input) takes the checked path: the checks here
+(clear errors), one feature permutation, then the groups. The engine is a plain object, not an nn.Module, so that TorchScript and torch.export
 see only the front.
 """
 from __future__ import annotations
@@ -18,9 +20,11 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_hps.config import HPSConfig, TableSpec
-from torchrec_hps.modules.cache import AsyncInserter, EmbeddingCacheGroup, InvalidIdsError, TBECacheGroup
+from torchrec_hps.modules.cache import AsyncInserter, EmbeddingCacheGroup, TBECacheGroup
+from torchrec_hps.modules.cache.cache_group import HASHED_ID_BOUND
 from torchrec_hps.modules.kjt_checks import check_kjt_layout, check_lengths, describe_bad_id, out_of_range
 from torchrec_hps.storage.hierarchy import StorageHierarchy
+from torchrec_hps.storage.memory import MemoryTier
 
 _POOLINGS = (PoolingType.SUM, PoolingType.MEAN)
 
@@ -65,8 +69,16 @@ class HPSEngine:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.storage = storage if storage is not None else StorageHierarchy.from_config(config.storage)
         self._owns_storage = storage is None
-        self.specs = [TableSpec(config.model, t.name, t.num_embeddings, t.embedding_dim) for t in tables]
+        hashed = config.cache.hashed_ids
+        if hashed and any(isinstance(tier, MemoryTier) for tier in self.storage.tiers):
+            raise ValueError("cache.hashed_ids: the storage memory tier keeps a dense per-id map and cannot hold "
+                             "hashed ids; leave it out (the module's host level caches rows in host memory)")
+        # the tiers see the id space (any id >= 0 for hashed ids); the cache is sized by num_embeddings
+        self.specs = [TableSpec(config.model, t.name, HASHED_ID_BOUND if hashed else t.num_embeddings,
+                                t.embedding_dim) for t in tables]
+        cache_specs = [TableSpec(config.model, t.name, t.num_embeddings, t.embedding_dim) for t in tables]
         self.storage.add_tables(self.specs)
+        self.inserter = AsyncInserter() if config.cache.hit_rate_threshold < 1.0 else None
 
         # Features in config order (the output's order), and an internal group-major order in which each
         # pooling group's features are contiguous in the KJT, so one permute feeds every group.
@@ -87,26 +99,25 @@ class HPSEngine:
             self._group_features.append(len(feats))
             for ti in tidx:
                 self._table_loc[tables[ti].name] = (len(groups), local[ti])
-            groups.append(TBECacheGroup([self.specs[ti] for ti in tidx], [local[feature_table[f]] for f in feats],
-                                        _pooling_mode(pooling), self.storage, config.cache, self.device))
+            groups.append(TBECacheGroup([cache_specs[ti] for ti in tidx], [local[feature_table[f]] for f in feats],
+                                        _pooling_mode(pooling), self.storage, config.cache, self.device,
+                                        inserter=self.inserter))
         self.groups = groups
         self._internal_names = [self._feature_names[f] for f in internal]
         self._internal_tables = [tables[feature_table[f]].name for f in internal]
-        self._internal_rows = [tables[feature_table[f]].num_embeddings for f in internal]
+        self._internal_rows = [HASHED_ID_BOUND if hashed else tables[feature_table[f]].num_embeddings
+                               for f in internal]
         self._num_embeddings = torch.tensor(self._internal_rows, dtype=torch.int64, device=self.device)
         cols = np.concatenate([[0], np.cumsum([self._dims[f] for f in internal])])
         col_of = {f: np.arange(cols[i], cols[i + 1]) for i, f in enumerate(internal)}
         perm = np.concatenate([col_of[f] for f in range(len(self._feature_names))])
         self._out_perm = None if np.array_equal(perm, np.arange(len(perm))) else torch.from_numpy(perm).to(self.device)
-        self.inserter = AsyncInserter() if config.cache.hit_rate_threshold < 1.0 else None
-        for g in groups:
-            g.inserter = self.inserter
         self._forward_stats = {"calls": 0, "ids": 0, "seconds": 0.0}
         self._unknown_ids = torch.zeros((), dtype=torch.int64, device=self.device)
         self._latencies: List[float] = []
         self._stats_lock = threading.Lock()
-        # one pooling group on CUDA: lookups try the group's all-hit path (the checks run inside its graph)
-        self._fast_group = groups[0] if len(groups) == 1 and groups[0].all_hit is not None else None
+        # one pooling group: lookups in its feature order go straight to it (its kernels flag bad input)
+        self._fast_group = groups[0] if len(groups) == 1 else None
 
     @property
     def feature_names(self) -> List[str]:
@@ -128,7 +139,7 @@ class HPSEngine:
             if (weights_ok and features.keys() == self._internal_names and values.device == self.device
                     and values.dim() == 1 and values.dtype in (torch.int32, torch.int64)
                     and lengths.numel() % len(self._internal_names) == 0 and not features.variable_stride_per_key()):
-                out = g.lookup_kjt(values, lengths, weights)
+                out = g.lookup(values, lengths, weights)
                 if out is not None:
                     self._record(t0, values.numel())
                     return out
@@ -154,20 +165,18 @@ class HPSEngine:
         check_lengths(summary[0], host_counts, lengths, values, self._internal_names, batch)
         bad = out_of_range(values, counts, self._num_embeddings)
         self._unknown_ids += bad.sum()
-        strict = self.config.cache.unknown_keys == "error"
+        if self.config.cache.unknown_keys == "error" and bool(bad.any()):
+            raise ValueError(describe_bad_id(values, bad, counts, self._internal_names, self._internal_tables,
+                                             self._internal_rows))
         outs = []
         f_lo, v_lo = 0, 0
-        try:
-            for group, n_g in zip(self.groups, self._group_features):
-                v_hi = v_lo + sum(host_counts[f_lo:f_lo + n_g])
-                g_lengths = lengths[f_lo * batch:(f_lo + n_g) * batch]
-                offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(g_lengths)
-                outs.append(group(values[v_lo:v_hi], offsets, weights[v_lo:v_hi] if weights is not None else None,
-                                  counts[f_lo:f_lo + n_g], bad[v_lo:v_hi], invalid_is_error=strict))
-                f_lo, v_lo = f_lo + n_g, v_hi
-        except InvalidIdsError:
-            raise ValueError(describe_bad_id(values, bad, counts, self._internal_names, self._internal_tables,
-                                             self._internal_rows)) from None
+        for group, n_g in zip(self.groups, self._group_features):
+            v_hi = v_lo + sum(host_counts[f_lo:f_lo + n_g])
+            out = group.lookup(values[v_lo:v_hi], lengths[f_lo * batch:(f_lo + n_g) * batch],
+                               weights[v_lo:v_hi] if weights is not None else None, allow_invalid=True)
+            assert out is not None, "the engine checked the layout"
+            outs.append(out)
+            f_lo, v_lo = f_lo + n_g, v_hi
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         if self._out_perm is not None:
             out = out.index_select(1, self._out_perm)
@@ -186,8 +195,9 @@ class HPSEngine:
                 del self._latencies[:5000]
 
     def spec(self, table: str) -> TableSpec:
+        """The table as the tiers see it (num_rows is the id bound: 2^63-1 for hashed ids)."""
         group, t = self._loc(table)
-        return group.specs[t]
+        return self.specs[[s.name for s in self.specs].index(table)]
 
     # ---- cache control (the update path, pre-fill, refresh) ----
     def _loc(self, table: str):
@@ -204,8 +214,7 @@ class HPSEngine:
 
     def _checked_keys(self, table: str, keys) -> np.ndarray:
         k = self._keys(keys)
-        group, t = self._loc(table)
-        n = group.specs[t].num_rows
+        n = self.spec(table).num_rows
         if k.size and (k.min() < 0 or k.max() >= n):
             bad = k[(k < 0) | (k >= n)][0]
             raise ValueError(f"table {table!r}: id {int(bad)} is out of range; expected 0 <= id < {n}")

@@ -1,5 +1,6 @@
-"""The module's embedding cache: interface and the fbgemm-TBE implementation (host or GPU)."""
+"""The module's embedding cache: interface and the two-level fbgemm-TBE implementation (host or GPU)."""
+from torchrec_hps.modules.cache.cache_group import TBECacheGroup
 from torchrec_hps.modules.cache.interface import EmbeddingCacheGroup
-from torchrec_hps.modules.cache.tbe_cache import ABSENT_SLOT, MISS_SLOT, AsyncInserter, InvalidIdsError, TBECacheGroup
+from torchrec_hps.modules.cache.miss_path import AsyncInserter
 
-__all__ = ["ABSENT_SLOT", "MISS_SLOT", "AsyncInserter", "EmbeddingCacheGroup", "InvalidIdsError", "TBECacheGroup"]
+__all__ = ["AsyncInserter", "EmbeddingCacheGroup", "TBECacheGroup"]

@@ -1,6 +1,6 @@
 """What the module needs from a cache: the interface a cache implementation (host, GPU) provides.
 
-The module hands a group of tables (one pooling mode) a KJT's ids, bag offsets and weights, and gets
+The module hands a group of tables (one pooling mode) a KJT's ids, lengths and weights, and gets
 pooled embeddings back; everything about where rows live, how misses are fetched and what is evicted
 stays behind this interface."""
 from __future__ import annotations
@@ -14,12 +14,11 @@ import torch
 
 class EmbeddingCacheGroup(torch.nn.Module, abc.ABC):
     @abc.abstractmethod
-    def forward(self, values: torch.Tensor, offsets: torch.Tensor, per_sample_weights: Optional[torch.Tensor],
-                feature_counts: torch.Tensor, invalid: Optional[torch.Tensor] = None,
-                invalid_is_error: bool = False) -> torch.Tensor:
-        """Pooled embeddings [B, sum of feature dims]; `values` feature-major (feature_counts[f] ids each),
-        `offsets` over the F*B bags (a KJT's layout); ids flagged `invalid` get the default vector (or raise
-        InvalidIdsError, changing nothing, when `invalid_is_error`)."""
+    def lookup(self, values: torch.Tensor, lengths: torch.Tensor, per_sample_weights: Optional[torch.Tensor],
+               allow_invalid: bool = False) -> Optional[torch.Tensor]:
+        """Pooled embeddings [B, sum of feature dims] for a KJT's `values` and `lengths` (features in the
+        group's order, feature-major), or None when the input needs the caller's checks: lengths that
+        disagree with the ids, or ids out of range unless `allow_invalid` (they then get the default)."""
 
     @abc.abstractmethod
     def invalidate(self, t: int, keys: np.ndarray) -> None:
@@ -27,7 +26,7 @@ class EmbeddingCacheGroup(torch.nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def update(self, t: int, keys: np.ndarray, rows: torch.Tensor) -> int:
-        """Overwrite the cached rows of `keys` in place; returns how many were cached."""
+        """Overwrite the cached rows of distinct `keys` in place; returns how many were cached."""
 
     @abc.abstractmethod
     def prefill(self, t: int, keys: np.ndarray) -> int:

@@ -1,5 +1,5 @@
-"""A KJT's lengths -> the TBE's offsets, each feature's end, the layout check and the id counters, for the
-all-hit path's graph.
+"""A KJT's lengths -> the TBE's offsets, each feature's end and the layout check; and the lookup's counters
+into the group's totals: the first and last kernels of the lookup's graph.
 
 On CUDA these are three small Triton kernels (chunk sums; offsets, ends and the layout flag; counts and
 the masked id counters) where torch needed about fifteen launches, and in a CUDA graph every node adds
@@ -13,13 +13,14 @@ from typing import Optional
 
 import torch
 
+from torchrec_hps.modules.cache.layout import FLAG_LAYOUT
+
 try:  # Triton comes with torch on Linux; the kernels are only launched on CUDA tensors
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover
     triton = None
 
-FLAG_LAYOUT = 4
 CHUNK = 1024
 
 
@@ -37,12 +38,12 @@ def offsets_and_checks_torch(lengths: torch.Tensor, scalars: torch.Tensor, n_fea
     flags.copy_(layout_bad.to(torch.int32).view(1) * FLAG_LAYOUT)
 
 
-def commit_ids_torch(flags: torch.Tensor, ends: torch.Tensor, counts: torch.Tensor, ids: torch.Tensor,
-                     feature_table: torch.Tensor, flags_out: Optional[torch.Tensor] = None) -> None:
-    """counts[f] = ids of feature f; the per-table id counters grow by them only if no flag is set; the
-    flags are copied to `flags_out` if given."""
-    counts.copy_(ends - torch.cat([ends.new_zeros(1), ends[:-1]]))
-    ids.index_add_(0, feature_table, counts * (flags == 0).to(torch.int64))
+def commit_counts_torch(flags: torch.Tensor, scalars: torch.Tensor, counts: torch.Tensor, totals: torch.Tensor,
+                        feature_table: torch.Tensor, flags_out: Optional[torch.Tensor] = None) -> None:
+    """totals[:, table] += counts[:, feature] if the lookup counts (scalars[2]) and no blocking flag
+    (scalars[3]) is set; the flags are copied to `flags_out` if given."""
+    gate = ((scalars[2] != 0) & ((flags[0].to(torch.int64) & scalars[3]) == 0)).to(torch.int64)
+    totals.index_add_(1, feature_table, counts * gate)
     if flags_out is not None:
         flags_out.copy_(flags, non_blocking=True)
 
@@ -59,9 +60,9 @@ if triton is not None:
         tl.store(chunk_neg_ptr + pid, (tl.min(lengths, axis=0) < 0).to(tl.int32))
         if pid == 0:
             tl.store(flags_ptr, 0)
-            # [n, tick] into device memory once (the source may be pinned host memory), for the later kernels
-            tl.store(scalars_ptr, tl.load(scalars_src_ptr))
-            tl.store(scalars_ptr + 1, tl.load(scalars_src_ptr + 1))
+            # the scalars into device memory once (the source may be pinned host memory), for the later kernels
+            for i in tl.static_range(4):
+                tl.store(scalars_ptr + i, tl.load(scalars_src_ptr + i))
 
     @triton.jit
     def _offsets_kernel(lengths_ptr, total, chunk_sums_ptr, chunk_neg_ptr, n_chunks, scalars_ptr, offsets_ptr,
@@ -88,20 +89,18 @@ if triton is not None:
             tl.atomic_or(flags_ptr, bad.to(tl.int32) * LAYOUT)
 
     @triton.jit
-    def _commit_ids_kernel(flags_ptr, ends_ptr, n_features, counts_ptr, ids_ptr, feature_table_ptr, flags_out_ptr,
-                           COPY_OUT: tl.constexpr, F_BLOCK: tl.constexpr):
+    def _commit_counts_kernel(flags_ptr, scalars_ptr, counts_ptr, n_features, totals_ptr, n_tables,
+                              feature_table_ptr, flags_out_ptr, COPY_OUT: tl.constexpr, F_BLOCK: tl.constexpr):
         f = tl.arange(0, F_BLOCK)
         real = f < n_features
-        end = tl.load(ends_ptr + f, mask=real, other=0)
-        start = tl.load(ends_ptr + f - 1, mask=real & (f > 0), other=0)
-        counts = end - start
-        tl.store(counts_ptr + f, counts, mask=real)
         flags = tl.load(flags_ptr)
         if COPY_OUT:  # to pinned host memory, read by the host in place (no copy node)
             tl.store(flags_out_ptr, flags)
-        served = flags == 0
+        counted = (tl.load(scalars_ptr + 2) != 0) & ((flags.to(tl.int64) & tl.load(scalars_ptr + 3)) == 0)
         table = tl.load(feature_table_ptr + f, mask=real, other=0)
-        tl.atomic_add(ids_ptr + table, counts, mask=real & served)
+        for row in tl.static_range(4):
+            c = tl.load(counts_ptr + row * n_features + f, mask=real, other=0)
+            tl.atomic_add(totals_ptr + row * n_tables + table, c, mask=real & counted & (c != 0))
 
 
 def fused_kernels(t: torch.Tensor) -> bool:
@@ -121,7 +120,7 @@ class OffsetsScratch:
 def offsets_and_checks(lengths: torch.Tensor, scalars_src: torch.Tensor, scalars: torch.Tensor, n_features: int,
                        batch: int, offsets: torch.Tensor, ends: torch.Tensor, flags: torch.Tensor,
                        scratch: OffsetsScratch) -> None:
-    """As offsets_and_checks_torch, after copying [n, tick] from `scalars_src` (with the fused kernels,
+    """As offsets_and_checks_torch, after copying the scalars from `scalars_src` (with the fused kernels,
     pinned host memory read in place) into `scalars` on the device; two kernel launches on CUDA."""
     if not fused_kernels(lengths):
         if scalars_src is not scalars:
@@ -136,12 +135,13 @@ def offsets_and_checks(lengths: torch.Tensor, scalars_src: torch.Tensor, scalars
                           MAX_CHUNKS=triton.next_power_of_2(scratch.n_chunks))
 
 
-def commit_ids(flags: torch.Tensor, ends: torch.Tensor, counts: torch.Tensor, ids: torch.Tensor,
-               feature_table: torch.Tensor, flags_out: Optional[torch.Tensor] = None) -> None:
-    """As commit_ids_torch; one kernel launch on CUDA (which may write `flags_out` in pinned host memory)."""
-    if not fused_kernels(ends):
-        commit_ids_torch(flags, ends, counts, ids, feature_table, flags_out)
+def commit_counts(flags: torch.Tensor, scalars: torch.Tensor, counts: torch.Tensor, totals: torch.Tensor,
+                  feature_table: torch.Tensor, flags_out: Optional[torch.Tensor] = None) -> None:
+    """As commit_counts_torch; one kernel launch on CUDA (which may write `flags_out` in pinned host memory)."""
+    if not fused_kernels(counts):
+        commit_counts_torch(flags, scalars, counts, totals, feature_table, flags_out)
         return
-    _commit_ids_kernel[(1,)](flags, ends, ends.numel(), counts, ids, feature_table,
-                             flags_out if flags_out is not None else flags, COPY_OUT=flags_out is not None,
-                             F_BLOCK=triton.next_power_of_2(ends.numel()))
+    n_features = counts.shape[1]
+    _commit_counts_kernel[(1,)](flags, scalars, counts, n_features, totals, totals.shape[1], feature_table,
+                                flags_out if flags_out is not None else flags, COPY_OUT=flags_out is not None,
+                                F_BLOCK=triton.next_power_of_2(n_features))

@@ -1,9 +1,11 @@
 """fbgemm's IntNBit TBE lookup without its Python forward.
 
 `IntNBitTableBatchedEmbeddingBagsCodegen.forward` moves inputs to the device, checks bounds, applies
-pruning remaps and pops prefetched cache locations before calling its op; a cache group's slots need none
-of that (they are ours, always in range, and the TBE has no fbgemm cache), and at small batches that Python
-costs as much as the kernel. So the group binds the op's arguments once and calls it directly.
+pruning remaps and pops prefetched cache locations before calling its op; a cache group's rows need none
+of that (they are ours, always in range, and the cache locations are our HBM rows, computed by the probe),
+and at small batches that Python costs as much as the kernel. So the group binds the op's arguments once
+and calls it directly. The op reads a row from `lxu_cache_weights[location]` where the location is not -1,
+else from the table's own (UVM, host-mapped) weights at the index: fbgemm's two-level read, our levels.
 """
 from __future__ import annotations
 
@@ -11,12 +13,13 @@ from typing import Callable, Optional
 
 import torch
 
-PooledLookup = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+PooledLookup = Callable[..., torch.Tensor]
 
 
-def bind_pooled_lookup(tbe: torch.nn.Module) -> PooledLookup:
-    """A function (indices, offsets, per_sample_weights) -> pooled output [B, total_D] over `tbe`'s weights,
-    the same computation as `tbe(indices, offsets, per_sample_weights)` (same kernel and arguments)."""
+def bind_pooled_lookup(tbe: torch.nn.Module, cache_rows: Optional[torch.Tensor] = None) -> PooledLookup:
+    """A function (indices, offsets, per_sample_weights, locations) -> pooled output [B, total_D] over
+    `tbe`'s weights and, where `locations` (int32, one per index) is not -1, the rows of `cache_rows`
+    ([rows, max row bytes] uint8 on the device): fbgemm's own kernel and arguments."""
     op = torch.ops.fbgemm.int_nbit_split_embedding_codegen_lookup_function
     bound = dict(
         dev_weights=tbe.weights_host if tbe.host_size > 0 else tbe.weights_dev,
@@ -33,16 +36,18 @@ def bind_pooled_lookup(tbe: torch.nn.Module) -> PooledLookup:
         max_float32_D=tbe.max_float32_D,
         pooling_mode=int(tbe.pooling_mode),
         output_dtype=tbe.output_dtype,
-        lxu_cache_weights=tbe.lxu_cache_weights,
-        lxu_cache_locations=torch.empty(0, dtype=torch.int32, device=tbe.weights_placements.device).fill_(-1),
+        lxu_cache_weights=cache_rows if cache_rows is not None else tbe.lxu_cache_weights,
         row_alignment=tbe.row_alignment,
         max_float8_D=tbe.max_float8_D,
         fp8_exponent_bits=tbe.fp8_exponent_bits,
         fp8_exponent_bias=tbe.fp8_exponent_bias,
     )
 
-    def pooled_lookup(indices: torch.Tensor, offsets: torch.Tensor,
-                      per_sample_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return op(indices=indices, offsets=offsets, indice_weights=per_sample_weights, **bound)
+    no_locations = torch.empty(0, dtype=torch.int32, device=tbe.weights_placements.device)
+
+    def pooled_lookup(indices: torch.Tensor, offsets: torch.Tensor, per_sample_weights: Optional[torch.Tensor] = None,
+                      locations: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return op(indices=indices, offsets=offsets, indice_weights=per_sample_weights,
+                  lxu_cache_locations=locations if cache_rows is not None else no_locations, **bound)
 
     return pooled_lookup

@@ -1,0 +1,267 @@
+"""The embedding cache of one pooling group: its tables' rows in two levels, read by one fbgemm TBE.
+
+Data flow of a lookup (all tables of the group at once, no per-table or per-id Python):
+KJT ids and lengths -> offsets and layout check (offsets_kernel.py) -> probe of the host level's index
+(probe_kernel.py: each id's host row and HBM row, flags, counters) -> admission into HBM (hbm_level.py) ->
+fbgemm's TBE, which reads each row from HBM, or from host-mapped memory in place where it is not in HBM
+(lookup_path.py runs these as one CUDA graph). The host reads one flags word. Only if an id is in neither
+level does the host step in (miss_path.py: one batched request per table to the tiers, rows into the host
+level by one copy), and the lookup runs again.
+
+Without CUDA there is no HBM level: the host level is the cache and the TBE runs on the host.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+
+from torchrec_hps.config import CacheConfig, TableSpec
+from torchrec_hps.modules.cache.hbm_level import HBMLevel
+from torchrec_hps.modules.cache.host_level import HostRows
+from torchrec_hps.modules.cache.interface import EmbeddingCacheGroup
+from torchrec_hps.modules.cache.layout import (ADMISSION, FLAG_INVALID, FLAG_LAYOUT, FLAG_MISS, MAX_TICK,
+                                               RESERVED_SLOTS)
+from torchrec_hps.modules.cache.lookup_path import LookupPath
+from torchrec_hps.modules.cache.miss_path import AsyncInserter, fetch_misses, insert_rows, overwrite_uncached
+from torchrec_hps.modules.cache.probe_kernel import ProbeTables
+from torchrec_hps.modules.cache.set_index import SetIndex
+from torchrec_hps.modules.cache.tbe_direct import bind_pooled_lookup
+from torchrec_hps.storage.hierarchy import StorageHierarchy
+
+HASHED_ID_BOUND = (1 << 63) - 1
+# Tests set this to build the HBM level in host memory on CPU, so CI runs its admission logic (the CPU
+# TBE then reads every row from the host level, which the HBM rows copy exactly).
+HBM_LEVEL_ON_CPU = False
+
+
+@dataclass
+class CacheTableStats:
+    sync_lookups: int = 0  # lookups with misses that waited for the rows
+    async_lookups: int = 0  # lookups with misses that served defaults and inserted in the background
+    unique_misses: int = 0  # distinct ids fetched from the tiers
+    inserted: int = 0  # into the host level
+    evicted: int = 0  # from the host level
+    not_found: int = 0  # distinct ids found in no tier (cached as the default vector)
+    defaulted_async: int = 0  # distinct misses served the default vector while inserted in the background
+    overflow_lookups: int = 0  # lookups whose new ids did not all fit their sets (served exactly, uncached)
+
+    def as_dict(self) -> Dict[str, float]:
+        return asdict(self)
+
+
+class TBECacheGroup(EmbeddingCacheGroup):
+    """Tables of one pooling mode behind one fbgemm IntNBit TBE (FP32 or FP16 rows, FP32 output)."""
+
+    def __init__(self, specs: Sequence[TableSpec], feature_tables: Sequence[int], pooling_mode,
+                 storage: StorageHierarchy, config: CacheConfig, device: torch.device,
+                 inserter: Optional[AsyncInserter] = None) -> None:
+        super().__init__()
+        from fbgemm_gpu.split_embedding_configs import SparseType
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode, EmbeddingLocation
+        from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTableBatchedEmbeddingBagsCodegen
+
+        self.specs = list(specs)
+        self.config = config
+        self.storage = storage
+        self.device = device
+        self.inserter = inserter
+        cuda = device.type == "cuda"
+        two_levels = cuda or HBM_LEVEL_ON_CPU
+        host_rows = [config.host_rows_for(s.num_rows) if two_levels else config.rows_for(s.num_rows)
+                     for s in self.specs]
+        self.index = SetIndex(host_rows, device, lfu=config.eviction == "lfu",
+                              whole=[r >= s.num_rows and not config.hashed_ids for r, s in zip(host_rows, self.specs)])
+        self.capacities = self.index.capacities
+        row_type, row_dtype = (SparseType.FP16, torch.float16) if config.cache_dtype == "fp16" else \
+            (SparseType.FP32, torch.float32)
+        location = EmbeddingLocation.MANAGED_CACHING if cuda else EmbeddingLocation.HOST
+        self.tbe = IntNBitTableBatchedEmbeddingBagsCodegen(
+            embedding_specs=[(s.name, c + RESERVED_SLOTS, s.dim, row_type, location)
+                             for s, c in zip(self.specs, self.capacities)],
+            feature_table_map=list(feature_tables), pooling_mode=pooling_mode, device=device,
+            output_dtype=SparseType.FP32,
+            bounds_check_mode=BoundsCheckMode.NONE,  # ids are checked by the probe, rows are ours
+            # fbgemm's own cache stays minimal (we pass our HBM rows to its kernel); its UVM weights, our
+            # host level, are host-mapped: device-visible pinned memory, never managed memory
+            cache_load_factor=1e-9, uvm_host_mapped=True)
+        self.tbe.initialize_weights()
+        self.host_rows = HostRows(self.tbe, self.specs, self.index, row_dtype, config.default_value)
+        self.hbm: Optional[HBMLevel] = None
+        if two_levels:
+            self.hbm = HBMLevel(sum(config.rows_for(s.num_rows) for s in self.specs),
+                                max(int(w.shape[1]) for w, _ in self.tbe.split_embedding_weights()),
+                                self.index.num_entries, device)
+        self.pooled_lookup = bind_pooled_lookup(self.tbe, self.hbm.rows if (cuda and self.hbm) else None)
+        self.n_features = len(feature_tables)
+        self.feature_table_list = list(feature_tables)
+        ft = self.feature_table_list
+        bound = [HASHED_ID_BOUND if config.hashed_ids else self.specs[t].num_rows for t in ft]
+
+        def per_feature(values, dummy) -> torch.Tensor:  # one extra entry for positions past the ids
+            return torch.tensor(list(values) + [dummy], dtype=torch.int64, device=device)
+
+        self.feature_table = torch.tensor(ft, dtype=torch.int64, device=device)
+        self.probe_tables = ProbeTables(
+            feature_rows=per_feature(bound, 0),
+            feature_set_base=per_feature(self.index.set_base[ft].tolist(), 0),
+            feature_n_sets=per_feature(self.index.n_sets[ft].tolist(), 1),
+            feature_entry_base=per_feature(self.index.entry_base[ft].tolist(), 0),
+            feature_direct=per_feature(self.index.direct[ft].tolist(), 0).to(torch.bool),
+            keys=self.index.keys, ticks=self.index.ticks, freq=self.index.freq,
+            hbm_of_host=self.hbm.hbm_of_host if self.hbm else None, hbm_ticks=self.hbm.ticks if self.hbm else None,
+            admission=ADMISSION[config.admission])
+        # per table: ids looked up, ids not served from HBM (the host level on CPU), ids in neither level,
+        # distinct hits; counted on the device as lookups go
+        self.totals = torch.zeros(4, len(self.specs), dtype=torch.int64, device=device)
+        self.stats_ = [CacheTableStats() for _ in self.specs]
+        self.lock = threading.RLock()
+        self._tick = 0
+        self._writes = [0] * len(self.specs)  # updates/invalidations per table: background inserts check them
+        self.path = LookupPath(self, use_graphs=config.cuda_graphs and cuda)
+
+    # ---- the lookup ----
+    def lookup(self, values: torch.Tensor, lengths: torch.Tensor, per_sample_weights: Optional[torch.Tensor],
+               allow_invalid: bool = False) -> Optional[torch.Tensor]:
+        """Pooled embeddings [B, sum of feature dims] for a KJT's ids and lengths (features in this group's
+        order), or None when the input needs the engine's checks: lengths that disagree with the ids, or ids
+        out of range (unless `allow_invalid`: the engine has checked them, and they get the default)."""
+        with self.lock:
+            self._next_tick()
+            out, flags, shape = self.path.run(values, lengths, per_sample_weights, self._tick, True, allow_invalid)
+            if flags & FLAG_LAYOUT or (flags & FLAG_INVALID and not allow_invalid):
+                return None
+            if not flags & FLAG_MISS:
+                return out
+            overflow = fetch_misses(self, shape, values.numel())
+            out, _, shape = self.path.run(values, lengths, per_sample_weights, self._tick, False, allow_invalid)
+            for t, left in overflow.items():
+                out = overwrite_uncached(self, out, shape, values.numel(), t, left, per_sample_weights)
+            return out
+
+    def _next_tick(self) -> None:
+        # a plain attribute write: nn.Module.__setattr__ costs microseconds on the per-lookup path
+        tick = self._tick + 1
+        if tick >= MAX_TICK:  # int32 ticks: shift every tick down, keeping the LRU order
+            self.index.rebase_ticks(MAX_TICK // 2)
+            if self.hbm is not None:
+                self.hbm.rebase_ticks(MAX_TICK // 2)
+            tick -= MAX_TICK // 2
+        self.__dict__["_tick"] = tick
+
+    def wait_for_device(self) -> None:
+        """Before the host rewrites host rows: no queued kernel may still read them."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _held(self, t: int, keys: np.ndarray):
+        ids = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.int64)).to(self.device)
+        entries = self.index.find(torch.full_like(ids, t), ids)
+        return entries, (entries >= 0).cpu().numpy()
+
+    # ---- the update path ----
+    def invalidate(self, t: int, keys: np.ndarray) -> None:
+        """Forget `keys` of table t in both levels: the next lookup fetches them from the tiers."""
+        with self.lock:
+            self._writes[t] += 1
+            entries, held = self._held(t, keys)
+            gone = entries[torch.from_numpy(held).to(self.device)]
+            if self.hbm is not None:
+                self.hbm.drop(gone)
+            self.index.remove(gone)
+
+    def update(self, t: int, keys: np.ndarray, rows: torch.Tensor) -> int:
+        """New values for distinct `keys`: rows held in either level are overwritten in place. Returns how
+        many were held."""
+        with self.lock:
+            self._writes[t] += 1
+            entries, held = self._held(t, keys)
+            if not held.any():
+                return 0
+            mask = torch.from_numpy(held)
+            kept = entries[mask.to(self.device)]
+            self.wait_for_device()
+            self.host_rows.write(t, self.index.local_slots(torch.full_like(kept, t), kept).cpu(), rows.cpu()[mask])
+            if self.hbm is not None:
+                self.hbm.refresh(kept, self.host_rows.layout)
+            return int(held.sum())
+
+    def prefill(self, t: int, keys: np.ndarray) -> int:
+        """Insert rows for `keys` (hottest first) while the host level has room; returns how many went in."""
+        with self.lock:
+            _, held = self._held(t, keys)
+            keys = keys[~held][:max(0, self.capacities[t] - self.cached_rows(t))]
+            if len(keys) == 0:
+                return 0
+            res = self.storage.get(self.specs[t].key, torch.from_numpy(keys))
+            before = self.stats_[t].inserted
+            insert_rows(self, [(t, keys, res.rows, res.found.numpy())], protect_tick=-1)
+            if self.hbm is not None:  # hottest first into HBM too, while it has room
+                entries, held = self._held(t, keys)
+                self.hbm.fill(entries[torch.from_numpy(held).to(self.device)], self._tick, self.host_rows.layout)
+            return self.stats_[t].inserted - before
+
+    def refresh(self, t: int) -> int:
+        """Re-read every cached row of table t from the tiers (rows gone from every tier are dropped)."""
+        with self.lock:
+            entries = self.index.table_entries(t)
+            if entries.numel() == 0:
+                return 0
+            keys = self.index.keys[entries].cpu().numpy()
+            res = self.storage.get(self.specs[t].key, torch.from_numpy(keys))
+            found = res.found.numpy()
+            self.wait_for_device()
+            mask = torch.from_numpy(found).to(self.device)
+            kept = entries[mask]
+            self.host_rows.write(t, self.index.local_slots(torch.full_like(kept, t), kept).cpu(), res.rows[res.found])
+            gone = entries[~mask]
+            if self.hbm is not None:
+                self.hbm.refresh(kept, self.host_rows.layout)
+                self.hbm.drop(gone)
+            self.index.remove(gone)
+            return int(found.sum())
+
+    def insert_missing(self, t: int, keys: np.ndarray) -> None:
+        """Background insertion (AsyncInserter): fetch outside the lock, insert what is still missing."""
+        with self.lock:
+            keys = keys[~self._held(t, keys)[1]]
+            writes = self._writes[t]
+        if len(keys) == 0:
+            return
+        res = self.storage.get(self.specs[t].key, torch.from_numpy(keys))
+        with self.lock:
+            if self._writes[t] != writes:  # rows read before an update may be stale: the next miss refetches
+                return
+            still = ~self._held(t, keys)[1]  # another insert may have run since
+            insert_rows(self, [(t, keys[still], res.rows[torch.from_numpy(still)], res.found.numpy()[still])],
+                        protect_tick=self._tick)
+
+    # ---- introspection ----
+    def cached_rows(self, t: int) -> int:
+        return int(self.index.table_entries(t).numel())
+
+    def cached_keys(self, t: int) -> np.ndarray:
+        return np.sort(self.index.keys[self.index.table_entries(t)].cpu().numpy())
+
+    def index_bytes(self) -> int:
+        """Device memory of the index (host level's keys and ticks, and the HBM level's bookkeeping)."""
+        n = self.index.num_entries * self.index.bytes_per_entry()
+        return n + (self.hbm.index_bytes() if self.hbm is not None else 0)
+
+    def close(self) -> None:
+        self.path.release()
+
+    def table_stats(self, t: int) -> Dict[str, float]:
+        d = self.stats_[t].as_dict()
+        ids, not_from_hbm, host_misses, _ = (int(x) for x in self.totals[:, t].tolist())
+        misses = not_from_hbm if self.hbm is not None else host_misses  # not served by the fastest level
+        d.update(ids=ids, misses=misses, hits=ids - misses, hit_rate=(ids - misses) / ids if ids else 0.0,
+                 host_misses=host_misses, host_hit_rate=(ids - host_misses) / ids if ids else 0.0)
+        d["capacity"] = self.capacities[t]
+        d["cached_rows"] = self.cached_rows(t)
+        if self.hbm is not None:
+            d["hbm_capacity"] = self.hbm.capacity  # the group's HBM rows, shared by its tables
+        return d

@@ -1,0 +1,235 @@
+"""The HBM level: a pool of rows in device memory over the host level, filled from it by kernels.
+
+Rows of every table share one pool (fbgemm's `lxu_cache_weights` layout: one row per slot, as wide as the
+widest table's row). The pool is set-associative over host-level entries: `tags[r]` is the host entry that
+HBM row r copies (-1 free), `ticks[r]` its last use, and `hbm_of_host[e]` points from host entry e to its
+HBM row (NO_ROW if none), so one probe of the host index gives both levels. The HBM level is inclusive:
+an entry the host level drops is dropped here too (`drop`).
+
+Admission runs on the device with no host sync, over the candidates the probe appended (entries touched
+first in this lookup, not in HBM): `select` ranks each candidate within its HBM set and picks the set's
+k-th least recently used way not used by this lookup; `apply` evicts the way's old entry, copies the row
+from host-mapped memory (zero-copy over PCIe) and points the entry at it; `relocate` points the lookup's
+positions at the rows just admitted, so the TBE reads them from HBM. Candidates left without a way stay
+served from the host level in place (fbgemm's TBE reads the host row where the location is NO_ROW).
+The torch versions are the reference and the CPU path (tests build an HBM level in host memory).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from torchrec_hps.modules.cache.layout import HASH_MASK, HASH_MUL, HBM_WAYS, NO_ROW, RESERVED_SLOTS, mix64
+from torchrec_hps.modules.cache.set_index import _NEVER, pick_ways
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+BLOCK = 64
+
+
+@dataclass
+class HostRowLayout:
+    """Where the host level's rows are, as the admission kernels read them (int32 words)."""
+
+    words: torch.Tensor  # int32 view of every table's host rows, device-accessible (host-mapped on CUDA)
+    entry_base: torch.Tensor  # int64 [T]: first index entry of each table
+    word_offset: torch.Tensor  # int64 [T]: first word of each table's rows
+    row_words: torch.Tensor  # int64 [T]: words per row (padded)
+    max_row_words: int
+
+
+class HBMLevel:
+    def __init__(self, n_rows: int, row_bytes: int, num_entries: int, device: torch.device) -> None:
+        # as many rows as host entries: direct-mapped (entry e -> set e // ways), so every entry has a row
+        self.direct = n_rows >= num_entries
+        self.n_sets = max(1, -(-int(min(n_rows, num_entries)) // HBM_WAYS))
+        self.capacity = self.n_sets * HBM_WAYS
+        self.device = device
+        self.rows = torch.zeros(self.capacity, row_bytes, dtype=torch.uint8, device=device)
+        self.row_words = self.rows.view(torch.int32)
+        self.tags = torch.full((self.capacity,), -1, dtype=torch.int32, device=device)
+        self.ticks = torch.zeros(self.capacity, dtype=torch.int32, device=device)
+        self.hbm_of_host = torch.full((num_entries,), NO_ROW, dtype=torch.int32, device=device)
+        self.set_fill = torch.zeros(self.n_sets, dtype=torch.int32, device=device)
+
+    def index_bytes(self) -> int:
+        """Bytes of bookkeeping: per HBM row (tag, tick) and per host entry (its HBM row)."""
+        return 8 * self.capacity + 4 * self.hbm_of_host.numel()
+
+    # ---- admission (inside the lookup, on the device) ----
+    def admit(self, cand: torch.Tensor, cand_count: torch.Tensor, victims: torch.Tensor, scalars: torch.Tensor,
+              host: HostRowLayout, entries: torch.Tensor, locs: torch.Tensor) -> None:
+        """Admit the candidates, then point `locs` (the lookup's HBM rows) at what was admitted."""
+        if triton is None or not cand.is_cuda:
+            self._admit_torch(cand, int(cand_count[0]), victims, int(scalars[1]), host)
+        else:
+            self.set_fill.zero_()
+            grid = (triton.cdiv(cand.numel(), BLOCK),)
+            _select_kernel[grid](cand, cand_count, scalars, self.set_fill, self.tags, self.ticks, victims,
+                                 self.n_sets, DIRECT=self.direct, W=HBM_WAYS, BLOCK_SIZE=BLOCK)
+            n_tables = host.entry_base.numel()
+            _apply_kernel[grid](cand, cand_count, scalars, victims, self.tags, self.ticks, self.hbm_of_host,
+                                host.words, host.entry_base, host.word_offset, host.row_words, n_tables,
+                                self.row_words, self.row_words.shape[1],
+                                SEARCH_STEPS=max(1, n_tables.bit_length() + 1),
+                                MAX_WORDS=triton.next_power_of_2(host.max_row_words), BLOCK_SIZE=BLOCK)
+        relocate(entries, locs, self.hbm_of_host)
+
+    def _admit_torch(self, cand: torch.Tensor, count: int, victims: torch.Tensor, tick: int,
+                     host: HostRowLayout) -> None:
+        e = cand[:count].to(torch.int64)
+        if count == 0:
+            return
+        hs = self.set_of(e)
+        base = (hs * HBM_WAYS).view(-1, 1) + torch.arange(HBM_WAYS, device=e.device).view(1, -1)
+        ticks, occupied = self.ticks[base].to(torch.int64), self.tags[base] >= 0
+        score = torch.where(occupied, ticks, torch.full_like(ticks, -1))
+        score = torch.where(occupied & (ticks == tick), torch.full_like(ticks, _NEVER), score)
+        way = pick_ways(hs, score)
+        victims[:count] = torch.where(way >= 0, hs * HBM_WAYS + way, torch.full_like(way, -1)).to(torch.int32)
+        ok = way >= 0
+        rows, e = (hs * HBM_WAYS + way)[ok], e[ok]
+        old = self.tags[rows].to(torch.int64)
+        self.hbm_of_host[old[old >= 0]] = NO_ROW
+        self.tags[rows] = e.to(torch.int32)
+        self.ticks[rows] = tick
+        self._copy_rows(rows, e, host)
+        self.hbm_of_host[e] = rows.to(torch.int32)
+
+    def set_of(self, entries: torch.Tensor) -> torch.Tensor:
+        return (entries // HBM_WAYS if self.direct else mix64(entries)) % self.n_sets
+
+    def fill(self, entries: torch.Tensor, tick: int, host: HostRowLayout) -> None:
+        """Admit host entries from the host side (prefill), by the same rule as a lookup's admission."""
+        entries = entries[self.hbm_of_host[entries] < 0].to(torch.int32)
+        for lo in range(0, entries.numel(), 1 << 20):
+            part = entries[lo:lo + (1 << 20)]
+            self._admit_torch(part, part.numel(), torch.empty_like(part), tick, host)
+
+    def _copy_rows(self, rows: torch.Tensor, entries: torch.Tensor, host: HostRowLayout) -> None:
+        table = torch.searchsorted(host.entry_base, entries, right=True) - 1
+        start = host.word_offset[table] + (RESERVED_SLOTS + entries - host.entry_base[table]) * host.row_words[table]
+        w = torch.arange(host.max_row_words, device=rows.device).view(1, -1)
+        inside = w < host.row_words[table].view(-1, 1)
+        src = torch.where(inside, start.view(-1, 1) + w, torch.zeros_like(w))
+        data = host.words[src.to(host.words.device)].to(rows.device)
+        cur = self.row_words[rows, :host.max_row_words]
+        self.row_words[rows, :host.max_row_words] = torch.where(inside, data, cur)
+
+    # ---- the host side (miss path, updates) ----
+    def drop(self, entries: torch.Tensor) -> None:
+        """Host entries that left the host level (evicted or invalidated): free their HBM rows."""
+        if entries.numel() == 0:
+            return
+        rows = self.hbm_of_host[entries].to(torch.int64)
+        rows = rows[rows >= 0]
+        self.tags[rows] = -1
+        self.ticks[rows] = 0
+        self.hbm_of_host[entries] = NO_ROW
+
+    def refresh(self, entries: torch.Tensor, host: HostRowLayout) -> None:
+        """Re-copy the HBM rows of host entries whose host rows were rewritten (updates, refresh)."""
+        if entries.numel() == 0:
+            return
+        rows = self.hbm_of_host[entries].to(torch.int64)
+        held = rows >= 0
+        if bool(held.any()):
+            self._copy_rows(rows[held], entries[held], host)
+
+    def rebase_ticks(self, by: int) -> None:
+        self.ticks.copy_(torch.where(self.ticks > 0, (self.ticks - by).clamp(min=1), self.ticks))
+
+
+def relocate(entries: torch.Tensor, locs: torch.Tensor, hbm_of_host: torch.Tensor) -> None:
+    """locs[p] = the HBM row of entries[p] where the probe found none (it may have been admitted since)."""
+    if triton is None or not locs.is_cuda:
+        need = (entries >= 0) & (locs < 0)
+        locs.copy_(torch.where(need, hbm_of_host[entries.clamp(min=0).to(torch.int64)], locs))
+        return
+    _relocate_kernel[(triton.cdiv(locs.numel(), 1024),)](entries, locs, hbm_of_host, locs.numel(), BLOCK_SIZE=1024)
+
+
+if triton is not None:
+    _RESERVED, _NO_ROW_C = tl.constexpr(RESERVED_SLOTS), tl.constexpr(NO_ROW)
+    _MUL, _MASK, _NEVER_C = tl.constexpr(HASH_MUL), tl.constexpr(HASH_MASK), tl.constexpr(_NEVER)
+
+    @triton.jit
+    def _select_kernel(cand_ptr, cand_count_ptr, scalars_ptr, set_fill_ptr, tags_ptr, ticks_ptr, victims_ptr, n_sets,
+                       DIRECT: tl.constexpr, W: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+        c = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        valid = c < tl.load(cand_count_ptr)
+        if tl.max(valid.to(tl.int32), axis=0) == 0:
+            return
+        tick = tl.load(scalars_ptr + 1)
+        e = tl.load(cand_ptr + c, mask=valid, other=0).to(tl.int64)
+        if DIRECT:
+            hs = (e // W) % n_sets
+        else:
+            h = (e ^ (e >> 31)) * _MUL
+            h = (h ^ (h >> 29)) & _MASK
+            hs = h % n_sets
+        rank = tl.atomic_add(set_fill_ptr + hs, tl.full([BLOCK_SIZE], 1, tl.int32), mask=valid)
+        ways = tl.arange(0, W)
+        at = hs[:, None] * W + ways[None, :]
+        ticks = tl.load(ticks_ptr + at, mask=valid[:, None], other=0).to(tl.int64)
+        occupied = tl.load(tags_ptr + at, mask=valid[:, None], other=-1) >= 0
+        score = tl.where(occupied, ticks, -1)
+        score = tl.where(occupied & (ticks == tick), _NEVER_C, score)
+        # each way's position in the set's eviction order (ties by way index, as a stable sort)
+        s_i = score[:, :, None]
+        s_j = score[:, None, :]
+        earlier = (s_j < s_i) | ((s_j == s_i) & (ways[None, None, :] < ways[None, :, None]))
+        order = tl.sum(earlier.to(tl.int32), axis=2)
+        pick = (order == rank[:, None]) & (score != _NEVER_C)
+        way = tl.max(tl.where(pick, ways[None, :], -1), axis=1)
+        tl.store(victims_ptr + c, tl.where(way >= 0, hs * W + way, -1).to(tl.int32), mask=valid)
+
+    @triton.jit
+    def _apply_kernel(cand_ptr, cand_count_ptr, scalars_ptr, victims_ptr, tags_ptr, ticks_ptr, hbm_of_host_ptr,
+                      host_words_ptr, entry_base_ptr, word_offset_ptr, row_words_ptr, n_tables, hbm_words_ptr,
+                      hbm_row_stride, SEARCH_STEPS: tl.constexpr, MAX_WORDS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+        c = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        valid = c < tl.load(cand_count_ptr)
+        if tl.max(valid.to(tl.int32), axis=0) == 0:
+            return
+        tick = tl.load(scalars_ptr + 1).to(tl.int32)
+        e = tl.load(cand_ptr + c, mask=valid, other=0).to(tl.int64)
+        row = tl.load(victims_ptr + c, mask=valid, other=-1).to(tl.int64)
+        ok = valid & (row >= 0)
+        old = tl.load(tags_ptr + row, mask=ok, other=-1)
+        tl.store(hbm_of_host_ptr + old, tl.full([BLOCK_SIZE], _NO_ROW_C, tl.int32), mask=ok & (old >= 0))
+        tl.store(tags_ptr + row, e.to(tl.int32), mask=ok)
+        tl.store(ticks_ptr + row, tl.full([BLOCK_SIZE], 0, tl.int32) + tick, mask=ok)
+        lo = tl.zeros([BLOCK_SIZE], dtype=tl.int64)
+        hi = tl.zeros([BLOCK_SIZE], dtype=tl.int64) + n_tables
+        for _ in tl.static_range(SEARCH_STEPS):  # the table: upper bound of e in entry_base, minus one
+            active = lo < hi
+            mid = (lo + hi) // 2
+            b = tl.load(entry_base_ptr + mid, mask=active, other=0)
+            right = active & (b <= e)
+            lo = tl.where(right, mid + 1, lo)
+            hi = tl.where(active & (~right), mid, hi)
+        table = lo - 1
+        n_words = tl.load(row_words_ptr + table, mask=ok, other=0)
+        src = tl.load(word_offset_ptr + table, mask=ok, other=0) + \
+            (_RESERVED + e - tl.load(entry_base_ptr + table, mask=ok, other=0)) * n_words
+        w = tl.arange(0, MAX_WORDS)
+        inside = ok[:, None] & (w[None, :] < n_words[:, None])
+        data = tl.load(host_words_ptr + src[:, None] + w[None, :], mask=inside, other=0)
+        tl.store(hbm_words_ptr + row[:, None] * hbm_row_stride + w[None, :], data, mask=inside)
+        tl.store(hbm_of_host_ptr + e, row.to(tl.int32), mask=ok)
+
+    @triton.jit
+    def _relocate_kernel(entries_ptr, locs_ptr, hbm_of_host_ptr, bucket, BLOCK_SIZE: tl.constexpr):
+        p = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        inb = p < bucket
+        entry = tl.load(entries_ptr + p, mask=inb, other=-1)
+        loc = tl.load(locs_ptr + p, mask=inb, other=0)
+        need = inb & (entry >= 0) & (loc < 0)
+        new = tl.load(hbm_of_host_ptr + entry, mask=need, other=_NO_ROW_C)
+        tl.store(locs_ptr + p, new, mask=need)

@@ -1,0 +1,211 @@
+"""Every lookup's device work as one CUDA graph, with the host's only wait overlapped with the TBE.
+
+Per (batch size, id-count bucket, weighted) a graph is captured over static buffers. From a KJT's ids and
+lengths as they come (no engine checks, no KJT rebuild) it runs: offsets, feature ends and the layout check
+(offsets_kernel.py); the probe of the host level's index for every id of every table (probe_kernel.py);
+admission into HBM (hbm_level.py); the counters, added only for lookups that count (commit_counts). The
+flags word lands in pinned host memory, written in place by the kernels. Small batches run the TBE in the
+graph too and copy its output out; larger ones run it right after the graph through a direct call of
+fbgemm's op, so its output is a fresh tensor. The host reads the flags (they land while the TBE is queued):
+no FLAG_MISS -> the output stands; otherwise the group's miss path inserts the missing rows and runs the
+lookup again (with counting off: the first run counted it).
+
+Inputs are sanitized inside the graph (ids out of range or past the batch read the default row, offsets are
+clamped to the batch), so nothing reads out of bounds whatever the input; bad input only sets a flag. The
+graph reads the index and both levels' rows in place: inserts and evictions need no re-capture. Without
+CUDA graphs (config, or a CPU group) the same computation runs eagerly (torch versions on CPU).
+"""
+from __future__ import annotations
+
+import gc
+import logging
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
+
+import torch
+
+from torchrec_hps.modules.cache.layout import FLAG_INVALID, FLAG_LAYOUT
+from torchrec_hps.modules.cache.offsets_kernel import OffsetsScratch, commit_counts, fused_kernels, offsets_and_checks
+from torchrec_hps.modules.cache.probe_kernel import ProbeOut, probe
+
+if TYPE_CHECKING:
+    from torchrec_hps.modules.cache.cache_group import TBECacheGroup
+
+logger = logging.getLogger(__name__)
+
+MIN_BUCKET = 1024
+# Small batches run the TBE inside the graph too (its Python dispatch costs more than the kernel) and copy
+# the output out; large ones run it after the graph, writing a fresh tensor (a copy would double the writes).
+POOLED_IN_GRAPH_MAX_BYTES = 4 << 20
+ZERO_COPY = True  # let the kernels use the pinned scalars and flags buffers in place (tests turn it off)
+
+__all__ = ["LookupPath", "Shape", "bucket_for"]
+
+
+def bucket_for(n: int) -> int:
+    return max(MIN_BUCKET, 1 << max(0, (n - 1).bit_length()))
+
+
+class Shape:
+    """Static buffers (and the graph, if any) for one (batch, bucket, weighted)."""
+
+    def __init__(self, group: "TBECacheGroup", batch: int, bucket: int, use_graph: bool, pooled_in_graph: bool) -> None:
+        dev = group.device
+        cuda = dev.type == "cuda"
+        F = group.n_features
+        self.batch, self.bucket = batch, bucket
+        self.values = torch.zeros(bucket, dtype=torch.int64, device=dev)
+        self.lengths = torch.zeros(F * batch, dtype=torch.int64, device=dev)
+        self.probe_out = ProbeOut(
+            slots=torch.zeros(bucket, dtype=torch.int32, device=dev),
+            locs=torch.full((bucket,), -1, dtype=torch.int32, device=dev),
+            entries=torch.full((bucket,), -1, dtype=torch.int32, device=dev),
+            cand=torch.zeros(bucket, dtype=torch.int32, device=dev),
+            cand_count=torch.zeros(1, dtype=torch.int32, device=dev),
+            flags=torch.zeros(1, dtype=torch.int32, device=dev),
+            counts=torch.zeros(4, F, dtype=torch.int64, device=dev))
+        self.victims = torch.zeros(bucket, dtype=torch.int32, device=dev)
+        self.offsets = torch.zeros(F * batch + 1, dtype=torch.int32, device=dev)
+        self.ends = torch.zeros(F, dtype=torch.int64, device=dev)
+        self.scratch = OffsetsScratch(F * batch, dev)
+        # [n, tick, count, blocking flags] written by the host and flags read by it, in pinned memory: the
+        # kernels read and write them in place where Triton accepts host-mapped pointers (checked in the
+        # warm-up), else the graph copies them (two more nodes)
+        self.zero_copy = ZERO_COPY and cuda and fused_kernels(self.lengths)
+        self.scalars_host = torch.zeros(4, dtype=torch.int64, pin_memory=cuda)
+        self.scalars_np = self.scalars_host.numpy()
+        self.scalars = torch.zeros(4, dtype=torch.int64, device=dev)
+        self.flags_host = torch.zeros(1, dtype=torch.int32, pin_memory=cuda)
+        self.flags_np = self.flags_host.numpy()
+        self.event = torch.cuda.Event() if cuda else None
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.out: Optional[torch.Tensor] = None  # the pooled output, when the TBE runs inside the graph
+        self.pooled_in_graph = pooled_in_graph
+        if cuda:
+            self._warm_up(group)
+        if use_graph:
+            self._capture(group)
+
+    # views the miss path reads
+    @property
+    def slots(self) -> torch.Tensor:
+        return self.probe_out.slots
+
+    @property
+    def entries(self) -> torch.Tensor:
+        return self.probe_out.entries
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self.probe_out.counts
+
+    def compute(self, g: "TBECacheGroup") -> None:
+        F, B, o = g.n_features, self.batch, self.probe_out
+        if not self.zero_copy:
+            self.scalars.copy_(self.scalars_host, non_blocking=True)
+        # offsets clamped to the batch's ids: each position's feature follows from them, so the TBE reads
+        # every row against the table of the bag it sits in, whatever the input
+        offsets_and_checks(self.lengths, self.scalars_host if self.zero_copy else self.scalars, self.scalars, F, B,
+                           self.offsets, self.ends, o.flags, self.scratch)
+        o.counts.zero_()
+        o.cand_count.zero_()
+        probe(self.values, self.scalars, self.ends, g.probe_tables, o)
+        if g.hbm is not None:
+            g.hbm.admit(o.cand, o.cand_count, self.victims, self.scalars, g.host_rows.layout, o.entries, o.locs)
+        commit_counts(o.flags, self.scalars, o.counts, g.totals, g.feature_table,
+                      self.flags_host if self.zero_copy else None)
+        if not self.zero_copy:
+            self.flags_host.copy_(o.flags, non_blocking=True)
+        if self.pooled_in_graph:
+            self.out = g.pooled_lookup(o.slots, self.offsets, None, o.locs)
+
+    def _warm_up(self, g: "TBECacheGroup") -> None:
+        """One run on an empty batch, on a side stream (lazy allocations, kernel compilation, library handles
+        before any capture); it changes no counter and touches nothing. It also checks that the kernels can
+        read and write the pinned host buffers in place, else falls back to copies."""
+        for attempt in range(2):
+            self.flags_np[0] = -1  # the empty batch must clear it
+            self.scalars_np[:] = (0, 0, 0, 0)
+            stream = torch.cuda.Stream(device=g.device)
+            stream.wait_stream(torch.cuda.current_stream(g.device))
+            try:
+                with torch.cuda.stream(stream):
+                    self.compute(g)
+                torch.cuda.synchronize(g.device)
+            except (ValueError, RuntimeError):
+                if not self.zero_copy:
+                    raise
+            if int(self.flags_np[0]) == 0 or not self.zero_copy:
+                break
+            logger.warning("the lookup kernels could not use pinned host memory in place; copying instead")
+            self.zero_copy = False
+        torch.cuda.current_stream(g.device).wait_stream(stream)
+
+    def _capture(self, g: "TBECacheGroup") -> None:
+        dev = g.device
+        # thread_local: other threads (the background inserter) keep using CUDA meanwhile. No garbage
+        # collection during capture: collecting an old engine destroys its CUDA graphs, which invalidates a
+        # capture in progress (seen on the H100, depending on GC timing).
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.compute(g)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+        torch.cuda.synchronize(dev)
+
+
+class LookupPath:
+    """Runs a group's lookups over per-shape buffers (graphs on CUDA); counts what it served and redid."""
+
+    def __init__(self, group: "TBECacheGroup", use_graphs: bool) -> None:
+        self.group = group
+        self.use_graphs = use_graphs
+        self._shapes: Dict[Tuple[int, int, bool], Shape] = {}
+        self.runs = 0
+        self.reruns = 0  # runs again after the miss path
+
+    def release(self) -> None:
+        """Drop the captured graphs (outside any capture, so their destruction is safe)."""
+        self._shapes.clear()
+
+    def shape_for(self, batch: int, n: int, weighted: bool) -> Shape:
+        g = self.group
+        key = (batch, bucket_for(n), weighted)
+        shape = self._shapes.get(key)
+        if shape is None:
+            small = not weighted and batch * g.tbe.total_D * 4 <= POOLED_IN_GRAPH_MAX_BYTES
+            shape = self._shapes[key] = Shape(g, batch, key[1], self.use_graphs, self.use_graphs and small)
+        return shape
+
+    def run(self, values: torch.Tensor, lengths: torch.Tensor, weights: Optional[torch.Tensor], tick: int,
+            count: bool, allow_invalid: bool) -> Tuple[torch.Tensor, int, Shape]:
+        """(pooled output, flags, the shape's buffers). The output is exact where flags has no FLAG_MISS
+        (ids flagged invalid read the default row). Needs lengths.numel() == n_features * batch."""
+        g = self.group
+        n = values.numel()
+        shape = self.shape_for(lengths.numel() // g.n_features, n, weights is not None)
+        shape.values[:n].copy_(values)
+        shape.lengths.copy_(lengths)
+        # lookups that the engine will redo (bad input) are not counted
+        blocking = FLAG_LAYOUT if allow_invalid else FLAG_LAYOUT | FLAG_INVALID
+        shape.scalars_np[:] = (n, tick, int(count), blocking)
+        if shape.graph is not None:
+            shape.graph.replay()
+        else:
+            shape.compute(g)
+        if shape.event is not None:
+            shape.event.record()
+        out = None
+        if not shape.pooled_in_graph:  # queued behind the graph
+            out = g.pooled_lookup(shape.slots[:n], shape.offsets, weights, shape.probe_out.locs[:n])
+        if shape.event is not None:
+            shape.event.synchronize()
+        flags = int(shape.flags_np[0])
+        if count:
+            self.runs += 1
+        else:
+            self.reruns += 1
+        return (shape.out.clone() if out is None else out), flags, shape

@@ -1,0 +1,236 @@
+"""ids -> (host-level row, HBM row) for every id of a lookup, all tables at once: the lookup's first kernel.
+
+Per id position p < n (ids feature-major, `ends[f]` = one past feature f's last id): find the feature,
+check the id against its table's range, probe its set in the host level's index (set_index.py), and write
+- `slots[p]`: the row in its table's host rows (the TBE's index; DEFAULT_SLOT on a miss or a bad id),
+- `locs[p]`: its HBM row, or NO_ROW (the TBE then reads the host row in place, over PCIe),
+- `entries[p]`: the index entry, or -1;
+touch the entry's tick (and LFU count) and its HBM row's tick; append each entry touched first in this
+lookup that is not in HBM (and passes the admission rule) to `cand` for hbm_level.admit; OR into `flags`
+whether an id is in neither level (FLAG_MISS) or out of range (FLAG_INVALID); and count per feature: ids,
+ids not served from HBM, ids in neither level, distinct hits (into `counts` [4, F], zeroed by the caller).
+On CUDA one Triton kernel; the torch version is the CPU path and the kernel's test reference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from torchrec_hps.modules.cache.layout import (ADMIT_ALWAYS, ADMIT_NEVER, ADMIT_SECOND, DEFAULT_SLOT, FLAG_INVALID,
+                                               FLAG_MISS, HASH_MASK, HASH_MUL, NO_ROW, RESERVED_SLOTS, WAYS,
+                                               set_of)
+
+try:  # Triton comes with torch on Linux; the kernel is only launched on CUDA tensors
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+BLOCK = 128
+
+
+@dataclass
+class ProbeTables:
+    """Per feature, plus one dummy entry at index F for positions past the ids (0 rows): its table's id
+    bound, first set, set count and first entry; the index; and the HBM level's arrays (None without)."""
+
+    feature_rows: torch.Tensor  # int64 [F+1]; hashed-id tables: 2^63-1
+    feature_set_base: torch.Tensor  # int64 [F+1]
+    feature_n_sets: torch.Tensor  # int64 [F+1]
+    feature_entry_base: torch.Tensor  # int64 [F+1]
+    feature_direct: torch.Tensor  # bool [F+1]: the table is direct-mapped (held whole)
+    keys: torch.Tensor  # int64 [entries]
+    ticks: torch.Tensor  # int32 [entries]
+    freq: Optional[torch.Tensor]  # int32 [entries], LFU only
+    hbm_of_host: Optional[torch.Tensor]  # int32 [entries]
+    hbm_ticks: Optional[torch.Tensor]  # int32 [HBM rows]
+    admission: int = ADMIT_NEVER
+
+
+@dataclass
+class ProbeOut:
+    slots: torch.Tensor  # int32 [bucket]
+    locs: torch.Tensor  # int32 [bucket]
+    entries: torch.Tensor  # int32 [bucket]
+    cand: torch.Tensor  # int32 [bucket]
+    cand_count: torch.Tensor  # int32 [1]
+    flags: torch.Tensor  # int32 [1]
+    counts: torch.Tensor  # int64 [4, F]: ids, not from HBM, in neither level, distinct hits
+
+
+def _admit(old: torch.Tensor, mode: int) -> torch.Tensor:
+    if mode == ADMIT_ALWAYS:
+        return torch.ones_like(old, dtype=torch.bool)
+    if mode == ADMIT_SECOND:
+        return old > 0  # looked up in an earlier lookup since it was inserted
+    return torch.zeros_like(old, dtype=torch.bool)
+
+
+def probe_torch(values: torch.Tensor, scalars: torch.Tensor, ends: torch.Tensor, t: ProbeTables, out: ProbeOut) -> None:
+    """Reference implementation (any device); `scalars` = [n, tick, ...]."""
+    bucket = out.slots.numel()
+    n, tick = int(scalars[0]), int(scalars[1])
+    n_features = ends.numel()
+    dev = out.slots.device
+    pos = torch.arange(bucket, device=dev)
+    fidx = torch.searchsorted(ends, pos, right=True)
+    live = pos < n
+    v = values[:bucket].to(torch.int64)
+    valid = live & (v >= 0) & (v < t.feature_rows[fidx])
+    safe = torch.where(valid, v, torch.zeros_like(v))
+    sets = set_of(safe, t.feature_set_base[fidx], t.feature_n_sets[fidx], t.feature_direct[fidx])
+    match = (t.keys.view(-1, WAYS)[sets] == safe.view(-1, 1)) & valid.view(-1, 1)
+    hit = match.any(1)
+    entry = torch.where(hit, sets * WAYS + match.to(torch.int8).argmax(1), torch.full_like(sets, -1))
+    slot = torch.where(hit, RESERVED_SLOTS + entry - t.feature_entry_base[fidx], torch.full_like(sets, DEFAULT_SLOT))
+    loc = torch.full_like(sets, NO_ROW)
+    if t.hbm_of_host is not None:
+        loc = torch.where(hit, t.hbm_of_host[entry.clamp(min=0)].to(torch.int64), loc)
+    # first touches in this lookup: distinct entries whose tick was not yet this tick
+    hpos = torch.nonzero(hit).view(-1)
+    he = entry[hpos]
+    order = torch.argsort(he, stable=True)
+    first_sorted = torch.ones_like(he, dtype=torch.bool)
+    if he.numel() > 1:
+        first_sorted[1:] = he[order][1:] != he[order][:-1]
+    first_in = torch.empty_like(first_sorted)
+    first_in[order] = first_sorted
+    old = t.ticks[he].to(torch.int64)
+    first = first_in & (old != tick)
+    t.ticks[he] = tick
+    if t.freq is not None:
+        t.freq.index_add_(0, he, torch.ones_like(he, dtype=torch.int32))
+    hl = loc[hpos]
+    if t.hbm_ticks is not None:
+        t.hbm_ticks[hl[hl >= 0]] = tick
+    if t.hbm_of_host is not None:
+        new = he[first & (hl < 0) & _admit(old, t.admission)].to(torch.int32)
+        c0 = int(out.cand_count[0])
+        out.cand[c0:c0 + new.numel()] = new
+        out.cand_count += new.numel()
+    out.slots.copy_(slot.to(torch.int32))
+    out.locs.copy_(loc.to(torch.int32))
+    out.entries.copy_(entry.to(torch.int32))
+    bits = (valid & ~hit).any().to(torch.int32) * FLAG_MISS + (live & ~valid).any().to(torch.int32) * FLAG_INVALID
+    out.flags.bitwise_or_(bits.view(1))
+    f = fidx.clamp(max=n_features)  # n_features: the dummy bin, dropped
+    for row, mask in enumerate((live, valid & (loc < 0), valid & ~hit)):
+        out.counts[row] += torch.bincount(f[mask], minlength=n_features + 1)[:n_features]
+    out.counts[3] += torch.bincount(f[hpos[first]], minlength=n_features + 1)[:n_features]
+
+
+if triton is not None:
+    # Triton kernels read module globals only as constexprs
+    _RESERVED, _DEFAULT, _NO_ROW = tl.constexpr(RESERVED_SLOTS), tl.constexpr(DEFAULT_SLOT), tl.constexpr(NO_ROW)
+    _MISS, _INVALID = tl.constexpr(FLAG_MISS), tl.constexpr(FLAG_INVALID)
+    _MUL, _MASK = tl.constexpr(HASH_MUL), tl.constexpr(HASH_MASK)
+
+    @triton.jit
+    def _count(counts_ptr, fidx, mask, n_features):
+        # features are contiguous runs: one atomic each for the block's first and last feature, per-id atomics
+        # only for features strictly between them (small batches)
+        f_lo = tl.min(tl.where(mask, fidx, n_features), axis=0)
+        f_hi = tl.max(tl.where(mask, fidx, -1), axis=0)
+        c_lo = tl.sum((mask & (fidx == f_lo)).to(tl.int64), axis=0)
+        c_hi = tl.sum((mask & (fidx == f_hi) & (f_hi != f_lo)).to(tl.int64), axis=0)
+        tl.atomic_add(counts_ptr + f_lo, c_lo, mask=c_lo > 0)
+        tl.atomic_add(counts_ptr + f_hi, c_hi, mask=c_hi > 0)
+        mid = mask & (fidx > f_lo) & (fidx < f_hi)
+        tl.atomic_add(counts_ptr + fidx, tl.full(fidx.shape, 1, tl.int64), mask=mid)
+
+    @triton.jit
+    def _probe_kernel(values_ptr, scalars_ptr, ends_ptr, n_features, rows_ptr, set_base_ptr, n_sets_ptr,
+                      entry_base_ptr, direct_ptr, keys_ptr, ticks_ptr, freq_ptr, hbm_of_host_ptr, hbm_ticks_ptr, slots_ptr,
+                      locs_ptr, entries_ptr, cand_ptr, cand_count_ptr, flags_ptr, counts_ptr, bucket,
+                      SEARCH_STEPS: tl.constexpr, LFU: tl.constexpr, HBM: tl.constexpr, ADMIT: tl.constexpr,
+                      W: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+        pos = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        in_bucket = pos < bucket
+        n = tl.load(scalars_ptr)
+        tick = tl.load(scalars_ptr + 1).to(tl.int32)
+        lo = tl.zeros([BLOCK_SIZE], dtype=tl.int64)
+        hi = tl.zeros([BLOCK_SIZE], dtype=tl.int64) + n_features
+        for _ in tl.static_range(SEARCH_STEPS):  # upper bound of pos in ends[0:F]
+            active = lo < hi
+            mid = (lo + hi) // 2
+            e = tl.load(ends_ptr + mid, mask=active, other=0)
+            right = active & (e <= pos)
+            lo = tl.where(right, mid + 1, lo)
+            hi = tl.where(active & (~right), mid, hi)
+        fidx = lo
+        live = pos < n
+        v = tl.load(values_ptr + pos, mask=live, other=0).to(tl.int64)
+        rows = tl.load(rows_ptr + fidx, mask=in_bucket, other=0)
+        valid = live & (v >= 0) & (v < rows)
+        safe = tl.where(valid, v, 0)
+        h = (safe ^ (safe >> 31)) * _MUL
+        h = (h ^ (h >> 29)) & _MASK
+        h = tl.where(tl.load(direct_ptr + fidx, mask=in_bucket, other=0) != 0, safe // W, h)
+        n_sets = tl.load(n_sets_ptr + fidx, mask=in_bucket, other=1)
+        sets = tl.load(set_base_ptr + fidx, mask=in_bucket, other=0) + h % n_sets
+        ways = tl.arange(0, W)
+        keys = tl.load(keys_ptr + sets[:, None] * W + ways[None, :], mask=valid[:, None], other=-1)
+        match = (keys == safe[:, None]) & valid[:, None]
+        way = tl.max(tl.where(match, ways[None, :], -1), axis=1)
+        hit = way >= 0
+        entry = tl.where(hit, sets * W + way, -1)
+        slot = tl.where(hit, _RESERVED + entry - tl.load(entry_base_ptr + fidx, mask=in_bucket, other=0),
+                        _DEFAULT)
+        loc = tl.full([BLOCK_SIZE], _NO_ROW, tl.int32)
+        if HBM:
+            loc = tl.where(hit, tl.load(hbm_of_host_ptr + entry, mask=hit, other=_NO_ROW), _NO_ROW)
+        # touch: read first (hot ids repeat within a lookup), exchange only where the tick changes; the
+        # exchange says which position touched the entry first in this lookup
+        seen = tl.load(ticks_ptr + entry, mask=hit, other=0)
+        need = hit & (seen != tick)
+        old = tl.atomic_xchg(ticks_ptr + entry, tl.full([BLOCK_SIZE], 0, tl.int32) + tick, mask=need)
+        first = need & (old != tick)
+        if LFU:
+            tl.atomic_add(freq_ptr + entry, tl.full([BLOCK_SIZE], 1, tl.int32), mask=hit)
+        if HBM:
+            in_hbm = hit & (loc >= 0)
+            hseen = tl.load(hbm_ticks_ptr + loc, mask=in_hbm, other=0)
+            tl.store(hbm_ticks_ptr + loc, tl.full([BLOCK_SIZE], 0, tl.int32) + tick, mask=in_hbm & (hseen != tick))
+            if ADMIT == 1:
+                is_cand = first & (loc < 0)
+            elif ADMIT == 2:
+                is_cand = first & (loc < 0) & (old > 0)
+            else:
+                is_cand = first & (loc < 0) & (old != old)
+            n_cand = tl.sum(is_cand.to(tl.int32), axis=0)
+            at = tl.atomic_add(cand_count_ptr, n_cand, mask=n_cand > 0)
+            offs = at + tl.cumsum(is_cand.to(tl.int32), axis=0) - 1
+            tl.store(cand_ptr + offs, entry.to(tl.int32), mask=is_cand)
+        tl.store(slots_ptr + pos, slot.to(tl.int32), mask=in_bucket)
+        tl.store(locs_ptr + pos, loc, mask=in_bucket)
+        tl.store(entries_ptr + pos, entry.to(tl.int32), mask=in_bucket)
+        bits = tl.max((valid & (~hit)).to(tl.int32), axis=0) * _MISS + \
+            tl.max((live & (~valid)).to(tl.int32), axis=0) * _INVALID
+        tl.atomic_or(flags_ptr, bits, mask=bits != 0)
+        _count(counts_ptr, fidx, live, n_features)
+        _count(counts_ptr + n_features, fidx, valid & (loc < 0), n_features)
+        _count(counts_ptr + 2 * n_features, fidx, valid & (~hit), n_features)
+        _count(counts_ptr + 3 * n_features, fidx, first, n_features)
+
+
+def probe(values: torch.Tensor, scalars: torch.Tensor, ends: torch.Tensor, t: ProbeTables, out: ProbeOut) -> None:
+    """As probe_torch; one kernel launch on CUDA (values int32 or int64, at least bucket long)."""
+    if triton is None or not values.is_cuda:
+        probe_torch(values, scalars, ends, t, out)
+        return
+    launch_probe(values, scalars, ends, t, out)
+
+
+def launch_probe(values, scalars, ends, t: ProbeTables, out: ProbeOut) -> None:
+    bucket = out.slots.numel()
+    n_features = ends.numel()
+    hbm = t.hbm_of_host is not None
+    _probe_kernel[(triton.cdiv(bucket, BLOCK),)](
+        values, scalars, ends, n_features, t.feature_rows, t.feature_set_base, t.feature_n_sets,
+        t.feature_entry_base, t.feature_direct, t.keys, t.ticks, t.freq if t.freq is not None else t.ticks,
+        t.hbm_of_host if hbm else t.ticks, t.hbm_ticks if hbm else t.ticks, out.slots, out.locs, out.entries,
+        out.cand, out.cand_count, out.flags, out.counts, bucket,
+        SEARCH_STEPS=max(1, int(n_features).bit_length() + 1), LFU=t.freq is not None, HBM=hbm, ADMIT=t.admission,
+        W=WAYS, BLOCK_SIZE=BLOCK)
