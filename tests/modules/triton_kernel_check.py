@@ -27,6 +27,9 @@ def _two_levels(lfu: bool, hbm: bool, admission: int):
     level = None
     if hbm:
         level = HBMLevel(64, 64, index.num_entries, torch.device("cpu"))
+        level.n_staging = 24  # fewer than the candidates left without a way: both cases
+        level.rows = torch.zeros(level.capacity + level.n_staging, 64, dtype=torch.uint8)
+        level.row_words = level.rows.view(torch.int32)
         held = torch.nonzero(index.keys >= 0).view(-1)[::3][:40]
         level.hbm_of_host[held] = torch.arange(len(held), dtype=torch.int32)
         level.tags[:len(held)] = held.to(torch.int32)
@@ -76,7 +79,7 @@ def check_probe_and_admission() -> None:
     from torchrec_hps.modules.cache.layout import ADMIT_ALWAYS, ADMIT_NEVER, ADMIT_SECOND, HBM_WAYS, WAYS
 
     g = torch.Generator().manual_seed(2)
-    seen_flags, admitted = set(), 0
+    seen_flags, admitted, staged = set(), 0, 0
     for trial in range(8):
         lfu, hbm = trial % 2 == 1, trial % 4 != 3
         admission = [ADMIT_ALWAYS, ADMIT_SECOND, ADMIT_ALWAYS, ADMIT_NEVER][trial % 4]
@@ -114,22 +117,24 @@ def check_probe_and_admission() -> None:
             victims = torch.full((bucket,), -7, dtype=torch.int32)
             if level is not None:
                 c = int(out.cand_count)
-                out.cand[:c] = cands  # the same candidate order into both admissions
+                out.cand[:c] = cands  # sorted, as admit() sorts them
                 if fused:
                     level.set_fill.zero_()
+                    level.stage_count.zero_()
                     grid = (triton.cdiv(bucket, hl.BLOCK),)
                     hl._select_kernel[grid](out.cand, out.cand_count, scalars, level.set_fill, level.tags, level.ticks,
-                                            victims, level.n_sets, DIRECT=level.direct, W=HBM_WAYS,
-                                            BLOCK_SIZE=hl.BLOCK)
+                                            victims, level.n_sets, level.stage_count, level.capacity,
+                                            level.n_staging, DIRECT=level.direct, W=HBM_WAYS, BLOCK_SIZE=hl.BLOCK)
                     hl._apply_kernel[grid](out.cand, out.cand_count, scalars, victims, level.tags, level.ticks,
-                                           level.hbm_of_host, layout.words, layout.entry_base, layout.word_offset,
+                                           level.hbm_of_host, level.capacity, layout.words, layout.entry_base, layout.word_offset,
                                            layout.row_words, 4, level.row_words, level.row_words.shape[1],
                                            SEARCH_STEPS=3, MAX_WORDS=8, BLOCK_SIZE=hl.BLOCK)
                     hl._relocate_kernel[(1,)](out.entries, out.locs, level.hbm_of_host, bucket, BLOCK_SIZE=1024)
                 else:
-                    level._admit_torch(out.cand, c, victims, 9, layout)
+                    level._admit_torch(out.cand, c, victims, 9, layout, stage=True)
                     hl.relocate(out.entries, out.locs, level.hbm_of_host)
-                admitted += int((victims[:c] >= 0).sum())
+                admitted += int(((victims[:c] >= 0) & (victims[:c] < level.capacity)).sum())
+                staged += int((victims[:c] >= level.capacity).sum())
             results.append((out.slots.clone(), out.locs.clone(), out.entries.clone(), out.flags.clone(),
                             out.counts.clone(), cands, index.ticks.clone(),
                             index.freq.clone() if lfu else None, victims.clone(),
@@ -142,10 +147,10 @@ def check_probe_and_admission() -> None:
                 assert torch.equal(ref, got), f"trial {trial}: {name} differ"
         seen_flags.add(int(results[0][3]))
     assert {0, 1, 3} <= seen_flags, f"the trials did not cover hits, misses and bad ids: {seen_flags}"
-    assert admitted > 0, "no trial admitted a row into HBM"
+    assert admitted > 0 and staged > 0, f"the trials did not admit ({admitted}) and stage ({staged}) rows"
     assert WAYS == 16 and HBM_WAYS == 16
     print(f"probe and admission kernels match the torch reference; flags seen {sorted(seen_flags)}, "
-          f"{admitted} rows admitted")
+          f"{admitted} rows admitted, {staged} staged")
 
 
 def check_offsets() -> None:

@@ -92,7 +92,10 @@ class TBECacheGroup(EmbeddingCacheGroup):
         self.host_rows = HostRows(self.tbe, self.specs, self.index, row_dtype, config.default_value)
         self.hbm: Optional[HBMLevel] = None
         if two_levels:
-            self.hbm = HBMLevel(sum(config.rows_for(s.num_rows) for s in self.specs),
+            hbm_rows = sum(config.rows_for(s.num_rows) for s in self.specs)
+            if hbm_rows >= sum(host_rows):  # HBM holds the whole host level: one row per entry
+                hbm_rows = self.index.num_entries
+            self.hbm = HBMLevel(hbm_rows,
                                 max(int(w.shape[1]) for w, _ in self.tbe.split_embedding_weights()),
                                 self.index.num_entries, device)
         self.pooled_lookup = bind_pooled_lookup(self.tbe, self.hbm.rows if (cuda and self.hbm) else None)

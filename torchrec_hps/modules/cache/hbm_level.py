@@ -10,8 +10,11 @@ Admission runs on the device with no host sync, over the candidates the probe ap
 first in this lookup, not in HBM): `select` ranks each candidate within its HBM set and picks the set's
 k-th least recently used way not used by this lookup; `apply` evicts the way's old entry, copies the row
 from host-mapped memory (zero-copy over PCIe) and points the entry at it; `relocate` points the lookup's
-positions at the rows just admitted, so the TBE reads them from HBM. Candidates left without a way stay
-served from the host level in place (fbgemm's TBE reads the host row where the location is NO_ROW).
+positions at the rows just admitted, so the TBE reads them from HBM. Candidates are sorted first (host
+rows in address order cross PCIe faster, and the admission is deterministic). A candidate left without a
+way (every way of its set used by this lookup) is copied into a staging row for this lookup only
+(`unstage` clears its pointer after the TBE), so each row crosses PCIe once per lookup however often the
+lookup repeats it; past the staging rows, the TBE reads it from the host level in place.
 The torch versions are the reference and the CPU path (tests build an HBM level in host memory).
 """
 from __future__ import annotations
@@ -30,6 +33,7 @@ except ImportError:  # pragma: no cover
     triton = None
 
 BLOCK = 64
+CAND_PAD = (1 << 31) - 1  # the candidate buffer's tail: sorts after every entry
 
 
 @dataclass
@@ -50,7 +54,9 @@ class HBMLevel:
         self.n_sets = max(1, -(-int(min(n_rows, num_entries)) // HBM_WAYS))
         self.capacity = self.n_sets * HBM_WAYS
         self.device = device
-        self.rows = torch.zeros(self.capacity, row_bytes, dtype=torch.uint8, device=device)
+        self.n_staging = 0 if self.direct else min(max(self.capacity // 2, 4096), 1 << 20)
+        self.rows = torch.zeros(self.capacity + self.n_staging, row_bytes, dtype=torch.uint8, device=device)
+        self.stage_count = torch.zeros(1, dtype=torch.int32, device=device)
         self.row_words = self.rows.view(torch.int32)
         self.tags = torch.full((self.capacity,), -1, dtype=torch.int32, device=device)
         self.ticks = torch.zeros(self.capacity, dtype=torch.int32, device=device)
@@ -64,24 +70,46 @@ class HBMLevel:
     # ---- admission (inside the lookup, on the device) ----
     def admit(self, cand: torch.Tensor, cand_count: torch.Tensor, victims: torch.Tensor, scalars: torch.Tensor,
               host: HostRowLayout, entries: torch.Tensor, locs: torch.Tensor) -> None:
-        """Admit the candidates, then point `locs` (the lookup's HBM rows) at what was admitted."""
+        """Admit the candidates (their tail past cand_count holds CAND_PAD), then point `locs` (the lookup's
+        HBM rows) at what was admitted or staged."""
+        torch.sort(cand, out=(cand, self._sort_scratch(cand)))
         if triton is None or not cand.is_cuda:
-            self._admit_torch(cand, int(cand_count[0]), victims, int(scalars[1]), host)
+            self._admit_torch(cand, int(cand_count[0]), victims, int(scalars[1]), host, stage=True)
         else:
             self.set_fill.zero_()
+            self.stage_count.zero_()
             grid = (triton.cdiv(cand.numel(), BLOCK),)
             _select_kernel[grid](cand, cand_count, scalars, self.set_fill, self.tags, self.ticks, victims,
-                                 self.n_sets, DIRECT=self.direct, W=HBM_WAYS, BLOCK_SIZE=BLOCK)
+                                 self.n_sets, self.stage_count, self.capacity, self.n_staging, DIRECT=self.direct,
+                                 W=HBM_WAYS, BLOCK_SIZE=BLOCK)
             n_tables = host.entry_base.numel()
             _apply_kernel[grid](cand, cand_count, scalars, victims, self.tags, self.ticks, self.hbm_of_host,
-                                host.words, host.entry_base, host.word_offset, host.row_words, n_tables,
+                                self.capacity, host.words, host.entry_base, host.word_offset, host.row_words, n_tables,
                                 self.row_words, self.row_words.shape[1],
                                 SEARCH_STEPS=max(1, n_tables.bit_length() + 1),
                                 MAX_WORDS=triton.next_power_of_2(host.max_row_words), BLOCK_SIZE=BLOCK)
         relocate(entries, locs, self.hbm_of_host)
 
+    def _sort_scratch(self, cand: torch.Tensor) -> torch.Tensor:
+        buf = getattr(self, "_sort_idx", None)
+        if buf is None or buf.numel() < cand.numel():
+            buf = self._sort_idx = torch.empty(cand.numel(), dtype=torch.int64, device=cand.device)
+        return buf[:cand.numel()]
+
+    def unstage(self, cand: torch.Tensor, cand_count: torch.Tensor, victims: torch.Tensor) -> None:
+        """After the lookup's TBE: staged rows were for it alone; their entries point nowhere again."""
+        if self.n_staging == 0:
+            return
+        if triton is None or not cand.is_cuda:
+            c = int(cand_count[0])
+            staged = victims[:c] >= self.capacity
+            self.hbm_of_host[cand[:c][staged].to(torch.int64)] = NO_ROW
+            return
+        _unstage_kernel[(triton.cdiv(cand.numel(), 1024),)](cand, cand_count, victims, self.hbm_of_host, self.capacity,
+                                                            BLOCK_SIZE=1024)
+
     def _admit_torch(self, cand: torch.Tensor, count: int, victims: torch.Tensor, tick: int,
-                     host: HostRowLayout) -> None:
+                     host: HostRowLayout, stage: bool = False) -> None:
         e = cand[:count].to(torch.int64)
         if count == 0:
             return
@@ -91,7 +119,15 @@ class HBMLevel:
         score = torch.where(occupied, ticks, torch.full_like(ticks, -1))
         score = torch.where(occupied & (ticks == tick), torch.full_like(ticks, _NEVER), score)
         way = pick_ways(hs, score)
-        victims[:count] = torch.where(way >= 0, hs * HBM_WAYS + way, torch.full_like(way, -1)).to(torch.int32)
+        chosen = torch.where(way >= 0, hs * HBM_WAYS + way, torch.full_like(way, -1))
+        if stage and self.n_staging:  # the first n_staging left without a way, in candidate order
+            left = way < 0
+            slot = torch.cumsum(left.to(torch.int64), 0) - 1
+            chosen = torch.where(left & (slot < self.n_staging), self.capacity + slot, chosen)
+        victims[:count] = chosen.to(torch.int32)
+        staged = chosen >= self.capacity
+        self._copy_rows(chosen[staged], e[staged], host)
+        self.hbm_of_host[e[staged]] = chosen[staged].to(torch.int32)
         ok = way >= 0
         rows, e = (hs * HBM_WAYS + way)[ok], e[ok]
         old = self.tags[rows].to(torch.int64)
@@ -160,7 +196,8 @@ if triton is not None:
 
     @triton.jit
     def _select_kernel(cand_ptr, cand_count_ptr, scalars_ptr, set_fill_ptr, tags_ptr, ticks_ptr, victims_ptr, n_sets,
-                       DIRECT: tl.constexpr, W: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                       stage_count_ptr, capacity, n_staging, DIRECT: tl.constexpr, W: tl.constexpr,
+                       BLOCK_SIZE: tl.constexpr):
         c = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         valid = c < tl.load(cand_count_ptr)
         if tl.max(valid.to(tl.int32), axis=0) == 0:
@@ -187,11 +224,17 @@ if triton is not None:
         order = tl.sum(earlier.to(tl.int32), axis=2)
         pick = (order == rank[:, None]) & (score != _NEVER_C)
         way = tl.max(tl.where(pick, ways[None, :], -1), axis=1)
-        tl.store(victims_ptr + c, tl.where(way >= 0, hs * W + way, -1).to(tl.int32), mask=valid)
+        victim = tl.where(way >= 0, hs * W + way, -1)
+        left = valid & (way < 0)
+        n_left = tl.sum(left.to(tl.int32), axis=0)
+        at = tl.atomic_add(stage_count_ptr, n_left, mask=n_left > 0)
+        slot = at + tl.cumsum(left.to(tl.int32), axis=0) - 1
+        victim = tl.where(left & (slot < n_staging), capacity + slot, victim)
+        tl.store(victims_ptr + c, victim.to(tl.int32), mask=valid)
 
     @triton.jit
     def _apply_kernel(cand_ptr, cand_count_ptr, scalars_ptr, victims_ptr, tags_ptr, ticks_ptr, hbm_of_host_ptr,
-                      host_words_ptr, entry_base_ptr, word_offset_ptr, row_words_ptr, n_tables, hbm_words_ptr,
+                      capacity, host_words_ptr, entry_base_ptr, word_offset_ptr, row_words_ptr, n_tables, hbm_words_ptr,
                       hbm_row_stride, SEARCH_STEPS: tl.constexpr, MAX_WORDS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
         c = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         valid = c < tl.load(cand_count_ptr)
@@ -201,10 +244,11 @@ if triton is not None:
         e = tl.load(cand_ptr + c, mask=valid, other=0).to(tl.int64)
         row = tl.load(victims_ptr + c, mask=valid, other=-1).to(tl.int64)
         ok = valid & (row >= 0)
-        old = tl.load(tags_ptr + row, mask=ok, other=-1)
-        tl.store(hbm_of_host_ptr + old, tl.full([BLOCK_SIZE], _NO_ROW_C, tl.int32), mask=ok & (old >= 0))
-        tl.store(tags_ptr + row, e.to(tl.int32), mask=ok)
-        tl.store(ticks_ptr + row, tl.full([BLOCK_SIZE], 0, tl.int32) + tick, mask=ok)
+        kept = ok & (row < capacity)  # staged rows (>= capacity) are for this lookup only: no tag, no tick
+        old = tl.load(tags_ptr + row, mask=kept, other=-1)
+        tl.store(hbm_of_host_ptr + old, tl.full([BLOCK_SIZE], _NO_ROW_C, tl.int32), mask=kept & (old >= 0))
+        tl.store(tags_ptr + row, e.to(tl.int32), mask=kept)
+        tl.store(ticks_ptr + row, tl.full([BLOCK_SIZE], 0, tl.int32) + tick, mask=kept)
         lo = tl.zeros([BLOCK_SIZE], dtype=tl.int64)
         hi = tl.zeros([BLOCK_SIZE], dtype=tl.int64) + n_tables
         for _ in tl.static_range(SEARCH_STEPS):  # the table: upper bound of e in entry_base, minus one
@@ -223,6 +267,16 @@ if triton is not None:
         data = tl.load(host_words_ptr + src[:, None] + w[None, :], mask=inside, other=0)
         tl.store(hbm_words_ptr + row[:, None] * hbm_row_stride + w[None, :], data, mask=inside)
         tl.store(hbm_of_host_ptr + e, row.to(tl.int32), mask=ok)
+
+    @triton.jit
+    def _unstage_kernel(cand_ptr, cand_count_ptr, victims_ptr, hbm_of_host_ptr, capacity, BLOCK_SIZE: tl.constexpr):
+        c = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        valid = c < tl.load(cand_count_ptr)
+        if tl.max(valid.to(tl.int32), axis=0) == 0:
+            return
+        row = tl.load(victims_ptr + c, mask=valid, other=-1)
+        e = tl.load(cand_ptr + c, mask=valid, other=0)
+        tl.store(hbm_of_host_ptr + e, tl.full([BLOCK_SIZE], _NO_ROW_C, tl.int32), mask=valid & (row >= capacity))
 
     @triton.jit
     def _relocate_kernel(entries_ptr, locs_ptr, hbm_of_host_ptr, bucket, BLOCK_SIZE: tl.constexpr):

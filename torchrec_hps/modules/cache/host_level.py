@@ -17,6 +17,24 @@ from torchrec_hps.modules.cache.hbm_level import HostRowLayout
 from torchrec_hps.modules.cache.set_index import SetIndex
 
 
+def _host_view(mapped: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor over the memory of a CUDA tensor allocated host-mapped (cudaHostAlloc): with unified
+    addressing the host and the device use one address. Checked once: a byte written through the host view
+    must read back through the device tensor."""
+    import ctypes
+
+    import numpy as np
+
+    buf = (ctypes.c_uint8 * mapped.numel()).from_address(mapped.data_ptr())
+    view = torch.from_numpy(np.frombuffer(buf, dtype=np.uint8))
+    view[0] = 173
+    torch.cuda.synchronize(mapped.device)
+    if int(mapped[0]) != 173:
+        raise RuntimeError("the host level's UVM weights are not host-mapped memory (no host view)")
+    view[0] = 0
+    return view
+
+
 class HostRows:
     """Typed views of one TBE's per-table weights, for the host (writes) and the device (reads)."""
 
@@ -24,7 +42,7 @@ class HostRows:
                  default_value: float) -> None:
         cuda = tbe.uvm_size > 0
         flat_dev = tbe.weights_uvm if cuda else tbe.weights_host
-        flat_host = torch.ops.fbgemm.uvm_to_cpu(flat_dev) if cuda else flat_dev
+        flat_host = _host_view(flat_dev) if cuda else flat_dev
         self.cuda = cuda
         offsets = list(tbe.weights_physical_offsets)
         byte_rows = [w for w, _ in tbe.split_embedding_weights()]

@@ -3,7 +3,8 @@
 Per (batch size, id-count bucket, weighted) a graph is captured over static buffers. From a KJT's ids and
 lengths as they come (no engine checks, no KJT rebuild) it runs: offsets, feature ends and the layout check
 (offsets_kernel.py); the probe of the host level's index for every id of every table (probe_kernel.py);
-admission into HBM (hbm_level.py); the counters, added only for lookups that count (commit_counts). The
+admission into HBM (hbm_level.py; rows staged for this lookup alone are released after the TBE); the
+counters, added only for lookups that count (commit_counts). The
 flags word lands in pinned host memory, written in place by the kernels. Small batches run the TBE in the
 graph too and copy its output out; larger ones run it right after the graph through a direct call of
 fbgemm's op, so its output is a fresh tensor. The host reads the flags (they land while the TBE is queued):
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import torch
 
+from torchrec_hps.modules.cache.hbm_level import CAND_PAD
 from torchrec_hps.modules.cache.layout import FLAG_INVALID, FLAG_LAYOUT
 from torchrec_hps.modules.cache.offsets_kernel import OffsetsScratch, commit_counts, fused_kernels, offsets_and_checks
 from torchrec_hps.modules.cache.probe_kernel import ProbeOut, probe
@@ -108,6 +110,8 @@ class Shape:
                            self.offsets, self.ends, o.flags, self.scratch)
         o.counts.zero_()
         o.cand_count.zero_()
+        if g.hbm is not None:
+            o.cand.fill_(CAND_PAD)
         probe(self.values, self.scalars, self.ends, g.probe_tables, o)
         if g.hbm is not None:
             g.hbm.admit(o.cand, o.cand_count, self.victims, self.scalars, g.host_rows.layout, o.entries, o.locs)
@@ -117,6 +121,11 @@ class Shape:
             self.flags_host.copy_(o.flags, non_blocking=True)
         if self.pooled_in_graph:
             self.out = g.pooled_lookup(o.slots, self.offsets, None, o.locs)
+            self.unstage(g)
+
+    def unstage(self, g: "TBECacheGroup") -> None:
+        if g.hbm is not None:
+            g.hbm.unstage(self.probe_out.cand, self.probe_out.cand_count, self.victims)
 
     def _warm_up(self, g: "TBECacheGroup") -> None:
         """One run on an empty batch, on a side stream (lazy allocations, kernel compilation, library handles
@@ -201,6 +210,7 @@ class LookupPath:
         out = None
         if not shape.pooled_in_graph:  # queued behind the graph
             out = g.pooled_lookup(shape.slots[:n], shape.offsets, weights, shape.probe_out.locs[:n])
+            shape.unstage(g)
         if shape.event is not None:
             shape.event.synchronize()
         flags = int(shape.flags_np[0])

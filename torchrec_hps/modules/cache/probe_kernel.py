@@ -167,11 +167,14 @@ if triton is not None:
         safe = tl.where(valid, v, 0)
         h = (safe ^ (safe >> 31)) * _MUL
         h = (h ^ (h >> 29)) & _MASK
-        h = tl.where(tl.load(direct_ptr + fidx, mask=in_bucket, other=0) != 0, safe // W, h)
+        direct = tl.load(direct_ptr + fidx, mask=in_bucket, other=0) != 0
+        h = tl.where(direct, safe // W, h)
         n_sets = tl.load(n_sets_ptr + fidx, mask=in_bucket, other=1)
         sets = tl.load(set_base_ptr + fidx, mask=in_bucket, other=0) + h % n_sets
         ways = tl.arange(0, W)
-        keys = tl.load(keys_ptr + sets[:, None] * W + ways[None, :], mask=valid[:, None], other=-1)
+        # a direct-mapped table keeps id k in way k % W: read that one key, not the whole set
+        lanes = valid[:, None] & ((~direct)[:, None] | (ways[None, :] == (safe % W)[:, None]))
+        keys = tl.load(keys_ptr + sets[:, None] * W + ways[None, :], mask=lanes, other=-1)
         match = (keys == safe[:, None]) & valid[:, None]
         way = tl.max(tl.where(match, ways[None, :], -1), axis=1)
         hit = way >= 0

@@ -110,7 +110,9 @@ class SetIndex:
         base = (sets * WAYS).view(-1, 1) + torch.arange(WAYS, device=ids.device).view(1, -1)
         score = eviction_order(self.ticks[base], self.freq[base] if self.freq is not None else None,
                                self.keys[base] != EMPTY_KEY, protect_tick)
-        way = pick_ways(sets, score)
+        # a direct-mapped table's id k always takes way k % WAYS (the probe reads that way alone)
+        direct = self.direct[tables]
+        way = torch.where(direct, ids % WAYS, pick_ways(sets, score))
         ok = way >= 0
         entries = torch.where(ok, sets * WAYS + way, torch.full_like(sets, -1))
         taken = entries[ok]
