@@ -10,8 +10,8 @@ Admission runs on the device with no host sync, over the candidates the probe ap
 first in this lookup, not in HBM): `select` ranks each candidate within its HBM set and picks the set's
 k-th least recently used way not used by this lookup; `apply` evicts the way's old entry, copies the row
 from host-mapped memory (zero-copy over PCIe) and points the entry at it; `relocate` points the lookup's
-positions at the rows just admitted, so the TBE reads them from HBM. Candidates are sorted first (host
-rows in address order cross PCIe faster, and the admission is deterministic). A candidate left without a
+positions at the rows just admitted, so the TBE reads them from HBM. Candidates of large lookups are
+sorted first (host rows in address order cross PCIe faster). A candidate left without a
 way (every way of its set used by this lookup) is copied into a staging row for this lookup only
 (`unstage` clears its pointer after the TBE), so each row crosses PCIe once per lookup however often the
 lookup repeats it; past the staging rows, the TBE reads it from the host level in place.
@@ -32,8 +32,10 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
-BLOCK = 64
+BLOCK = 64  # candidates per program of the select kernel
+COPY_BLOCK = 16  # per program of the apply kernel: more programs keep more PCIe reads in flight
 CAND_PAD = (1 << 31) - 1  # the candidate buffer's tail: sorts after every entry
+SORT_MIN = 1 << 16  # lookups with fewer id positions admit in probe order (the sort costs more than it saves)
 
 
 @dataclass
@@ -72,7 +74,8 @@ class HBMLevel:
               host: HostRowLayout, entries: torch.Tensor, locs: torch.Tensor) -> None:
         """Admit the candidates (their tail past cand_count holds CAND_PAD), then point `locs` (the lookup's
         HBM rows) at what was admitted or staged."""
-        torch.sort(cand, out=(cand, self._sort_scratch(cand)))
+        if cand.numel() >= SORT_MIN:  # only many rows gain from crossing PCIe in address order
+            torch.sort(cand, out=(cand, self._sort_scratch(cand)))
         if triton is None or not cand.is_cuda:
             self._admit_torch(cand, int(cand_count[0]), victims, int(scalars[1]), host, stage=True)
         else:
@@ -83,11 +86,11 @@ class HBMLevel:
                                  self.n_sets, self.stage_count, self.capacity, self.n_staging, DIRECT=self.direct,
                                  W=HBM_WAYS, BLOCK_SIZE=BLOCK)
             n_tables = host.entry_base.numel()
-            _apply_kernel[grid](cand, cand_count, scalars, victims, self.tags, self.ticks, self.hbm_of_host,
+            _apply_kernel[(triton.cdiv(cand.numel(), COPY_BLOCK),)](cand, cand_count, scalars, victims, self.tags, self.ticks, self.hbm_of_host,
                                 self.capacity, host.words, host.entry_base, host.word_offset, host.row_words, n_tables,
                                 self.row_words, self.row_words.shape[1],
                                 SEARCH_STEPS=max(1, n_tables.bit_length() + 1),
-                                MAX_WORDS=triton.next_power_of_2(host.max_row_words), BLOCK_SIZE=BLOCK)
+                                MAX_WORDS=triton.next_power_of_2(host.max_row_words), BLOCK_SIZE=COPY_BLOCK)
         relocate(entries, locs, self.hbm_of_host)
 
     def _sort_scratch(self, cand: torch.Tensor) -> torch.Tensor:
@@ -262,6 +265,7 @@ if triton is not None:
         n_words = tl.load(row_words_ptr + table, mask=ok, other=0)
         src = tl.load(word_offset_ptr + table, mask=ok, other=0) + \
             (_RESERVED + e - tl.load(entry_base_ptr + table, mask=ok, other=0)) * n_words
+        src = tl.multiple_of(src, 4)  # rows start on 16-byte boundaries (fbgemm pads them): 16-byte loads
         w = tl.arange(0, MAX_WORDS)
         inside = ok[:, None] & (w[None, :] < n_words[:, None])
         data = tl.load(host_words_ptr + src[:, None] + w[None, :], mask=inside, other=0)
