@@ -118,7 +118,7 @@ def test_fp16_cached_rows(make_hps):
         out = hps(kjt).values()
         assert out.dtype == torch.float32
         torch.testing.assert_close(out, ref(kjt).values().detach(), rtol=2e-3, atol=2e-3)
-    assert _group(hps).host_rows.host[0].dtype == torch.float16
+    assert _group(hps).host_rows.rows[0].dtype == torch.float16
 
 
 def check_hbm_level(group) -> int:
