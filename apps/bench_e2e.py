@@ -3,12 +3,12 @@ with fbgemm's UVM cache, and CPU-only, on a stream of new Zipf batches (needs CU
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from typing import List, Optional
 
 import torch
+
+from torchrec_hps.bench import save_json
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -28,9 +28,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     results = run_e2e_bench(num_tables=args.tables, rows=args.rows, budget=args.budget, reps=args.reps,
                             warmup=args.warmup, batches=[int(b) for b in args.batches.split(",")])
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=2)
+    save_json(args.json, {"device": torch.cuda.get_device_name(), "results": results})
     return 0
 
 

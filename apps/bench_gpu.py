@@ -3,12 +3,12 @@ and fbgemm-gpu)."""
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from typing import List, Optional
 
 import torch
+
+from torchrec_hps.bench import save_json
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -27,11 +27,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     from torchrec_hps.bench.gpu_bench import run_gpu_bench
 
-    results = run_gpu_bench(num_tables=args.tables, rows=args.rows, dim=args.dim, reps=args.reps, warmup=args.warmup, budget=args.budget,
-                            profile=args.profile)
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=2)
+    results = run_gpu_bench(num_tables=args.tables, rows=args.rows, dim=args.dim, reps=args.reps,
+                            warmup=args.warmup, budget=args.budget, profile=args.profile)
+    save_json(args.json, {"device": torch.cuda.get_device_name(), "results": results})
     return 0
 
 
