@@ -1,6 +1,8 @@
 """The update wire format: round trips, and a decoder that rejects anything malformed with WireFormatError."""
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -36,6 +38,9 @@ def test_each_kind_of_damage_has_its_reason():
         good[:10]: "truncated",
         good[:-5] + bytes([good[-5] ^ 1]) + good[-4:]: "checksum",
     }
+    reserved = bytearray(good[:-4])
+    reserved[6] = 1  # the reserved u16 after magic, version, dtype; the checksum made valid again
+    cases[bytes(reserved) + zlib.crc32(bytes(reserved)).to_bytes(4, "little")] = "reserved field is 1, must be 0"
     for data, reason in cases.items():
         with pytest.raises(WireFormatError, match=reason):
             decode(data)

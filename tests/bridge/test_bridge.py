@@ -102,13 +102,39 @@ def test_corrupt_and_foreign_messages_are_skipped_and_counted(kafka, tier_factor
     consumer.stop()
 
 
+def test_poison_message_is_rejected_alone_and_the_rest_applies(kafka, tier_factory, namespace):
+    """A well-formed message (valid checksum) with ids -1 and N+5 used to stall every update behind it."""
+    from confluent_kafka import Producer
+
+    h = _hierarchy(tier_factory, namespace)
+    consumer = UpdateConsumer(kafka, namespace, h, ["t1", "t2"], group_id=f"{namespace}-poison")
+    raw = Producer({"bootstrap.servers": kafka.bootstrap_servers})
+    topic = kafka.topic(namespace, "t2")
+    raw.produce(topic, value=encode(np.array([-1, 105]), np.ones((2, 4), np.float32)), partition=0)
+    raw.produce(topic, value=encode(np.array([50]), np.full((1, 4), np.nan, np.float32)), partition=0)
+    for i in range(10):
+        raw.produce(topic, value=encode(np.array([i]), np.full((1, 4), 3.0, np.float32)), partition=0)
+    raw.flush(30)
+    assert _drain(consumer, 10, timeout=20) == 10
+    assert consumer.stats["rejected_messages"] == 2 and consumer.stats["apply_failures"] == 0
+    assert h.get(f"{namespace}.t2", torch.arange(10)).rows.eq(3.0).all()
+    assert not h.get(f"{namespace}.t2", torch.tensor([50])).found.any()  # the NaN row was not written
+    consumer.stop()
+
+
 @pytest.mark.slow
 def test_tier_down_during_apply_is_retried_without_committing(kafka, servers, tier_factory, namespace):
+    from confluent_kafka import Producer
+
     h = _hierarchy(tier_factory, namespace, bottom="redis")
     consumer = UpdateConsumer(kafka, namespace, h, ["t1", "t2"], group_id=f"{namespace}-node3")
     pub = DeltaPublisher(kafka, namespace, ["t1", "t2"])
     servers.redis.kill()
     try:
+        raw = Producer({"bootstrap.servers": kafka.bootstrap_servers})
+        for partition in range(kafka.num_partitions):  # garbage in every partition, re-read on each retry
+            raw.produce(kafka.topic(namespace, "t2"), value=b"garbage", partition=partition)
+        raw.flush(30)
         pub.publish("t2", torch.arange(30), torch.full((30, 4), 4.0))
         pub.flush()
         deadline = time.monotonic() + 30
@@ -120,6 +146,7 @@ def test_tier_down_during_apply_is_retried_without_committing(kafka, servers, ti
     time.sleep(0.6)  # past the Redis tier's retry_interval
     assert _drain(consumer, 30) == 30
     assert h.get(f"{namespace}.t2", torch.arange(30)).rows.eq(4.0).all()
+    assert consumer.stats["rejected_messages"] == kafka.num_partitions  # once each, however often re-read
     consumer.stop()
 
 

@@ -1,10 +1,12 @@
 """Inference side: apply published rows to the storage hierarchy and to every HPSEmbeddingBagCollection
 cache that holds them, then commit offsets (at-least-once; applying a row twice is harmless).
 
-Per poll: decode each message (malformed or foreign ones are skipped, counted and logged with
-topic/partition/offset), apply each table's rows in one hierarchy put and one cache update, commit the
-next offsets. If applying fails (a tier down), nothing is committed: the partitions are rewound to the
-first unapplied message and the batch is tried again after `retry_backoff`.
+Per poll: decode and check each message (malformed or foreign ones, and well-formed ones whose ids are out
+of the table's range or whose rows are not finite, are rejected one message at a time: skipped, counted
+and logged with topic/partition/offset once the batch commits), apply each table's rows in one hierarchy
+put and one cache update, commit the next offsets. Only a failure to apply (a tier down) holds offsets
+back: nothing is committed, the partitions are rewound to the first unapplied message and the batch is
+tried again after `retry_backoff` (its rejected messages are then counted once, when it commits).
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ class UpdateConsumer:
         self.modules = list(modules)
         self._table_of_topic = {config.topic(model, t): t for t in tables}
         self._dims = {t: storage.spec(f"{model}.{t}").dim for t in tables}
+        self._rows = {t: storage.spec(f"{model}.{t}").num_rows for t in tables}
         ensure_topics(config, list(self._table_of_topic))
         group = group_id or config.group_id or f"hps-{model}"
         self._consumer = Consumer({
@@ -76,6 +79,7 @@ class UpdateConsumer:
         first_offset: Dict[Tuple[str, int], int] = {}
         next_offset: Dict[Tuple[str, int], int] = {}
         applied = 0
+        rejected: List[Tuple[str, int, int, str]] = []
         for msg in msgs:
             if msg.error() is not None:
                 logger.warning("kafka: %s", msg.error())
@@ -87,11 +91,12 @@ class UpdateConsumer:
             try:
                 if table is None:
                     raise WireFormatError("topic not subscribed by this consumer")
-                per_table.setdefault(table, []).append(decode(msg.value(), expected_dim=self._dims[table]))
+                ids, rows = decode(msg.value(), expected_dim=self._dims[table])
+                self._check_rows(table, ids, rows)
+                per_table.setdefault(table, []).append((ids, rows))
                 applied += 1
             except WireFormatError as e:
-                self.stats["rejected_messages"] += 1
-                logger.warning("skipping update %s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), e)
+                rejected.append((msg.topic(), msg.partition(), msg.offset(), str(e)))
         try:
             rows = self._apply(per_table)
         except Exception as e:  # a tier is down: rewind, commit nothing, try again later
@@ -109,10 +114,23 @@ class UpdateConsumer:
 
             self._consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in next_offset.items()],
                                   asynchronous=False)
+        for topic, partition, offset, reason in rejected:  # counted once, with the batch that commits them
+            logger.warning("skipping update %s[%d]@%d: %s", topic, partition, offset, reason)
+        self.stats["rejected_messages"] += len(rejected)
         self.stats["applied_messages"] += applied
         self.stats["applied_rows"] += rows
         self.stats["last_applied_time"] = time.time()
         return applied
+
+    def _check_rows(self, table: str, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """A well-formed message can still carry rows no tier may take: reject it alone, not the batch."""
+        n = self._rows[table]
+        bad = (ids < 0) | (ids >= n)
+        if bool(bad.any()):
+            raise WireFormatError(f"table {table!r}: id {int(ids[bad][0])} is out of range [0, {n}) "
+                                  f"({int(bad.sum())} of {len(ids)} ids)")
+        if not bool(torch.isfinite(rows).all()):
+            raise WireFormatError(f"table {table!r}: rows hold NaN or infinite values")
 
     def _apply(self, per_table: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]]) -> int:
         rows_applied = 0

@@ -65,6 +65,8 @@ def decode(data: bytes, expected_dim: int = 0) -> Tuple[torch.Tensor, torch.Tens
         raise WireFormatError(f"unsupported version {version}, expected {VERSION}")
     if code not in _DTYPES:
         raise WireFormatError(f"unknown dtype code {code}")
+    if reserved != 0:
+        raise WireFormatError(f"reserved field is {reserved}, must be 0")
     dtype = _DTYPES[code]
     expected = MIN_SIZE + count * 8 + count * dim * dtype.itemsize
     if len(data) != expected:
