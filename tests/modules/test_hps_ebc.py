@@ -116,6 +116,12 @@ def test_unknown_ids_error_or_default(make_hps):
     assert hps2.stats()["_module"]["unknown_ids"] == 1
 
 
+def _with_float_lengths(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    bad = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(), weights=kjt.weights_or_none())
+    bad._lengths = bad._lengths.float()
+    return bad
+
+
 def test_bad_inputs_name_what_is_wrong(make_hps):
     ref, hps = make_hps(tables=SUM_TABLES, weighted=True)
     good = random_kjt(SUM_TABLES, 2, gen=torch.Generator().manual_seed(1), weighted=True)
@@ -135,6 +141,13 @@ def test_bad_inputs_name_what_is_wrong(make_hps):
         (KeyedJaggedTensor(keys=good.keys(), values=torch.tensor([1, 2]),
                            lengths=torch.tensor([3, -1, 0, 0, 0, 0, 0, 0]), weights=torch.ones(2)),
          "feature 'f1': negative bag length"),
+        # float lengths (torchrec 1.6's constructor asserts on them; a KJT built another way, e.g. from a
+        # request, can carry them) used to reach repeat_interleave (NotImplementedError)
+        (_with_float_lengths(good), r"lengths must be int32 or int64, got torch.float32"),
+        # a repeated key used to be reported as another feature "missing"
+        (KeyedJaggedTensor.from_lengths_sync(keys=["f1", "f2", "f3", "f3"], values=torch.tensor([1]),
+                                             lengths=torch.tensor([1, 0, 0, 0]), weights=torch.ones(1)),
+         r"input features repeat: \['f3'\]"),
     ]
     for kjt, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -138,6 +138,7 @@ class HPSEngine:
                 weights is not None and weights.dtype == torch.float32 and weights.numel() == values.numel())
             if (weights_ok and features.keys() == self._internal_names and values.device == self.device
                     and values.dim() == 1 and values.dtype in (torch.int32, torch.int64)
+                    and lengths.dtype in (torch.int32, torch.int64)
                     and lengths.numel() % len(self._internal_names) == 0 and not features.variable_stride_per_key()):
                 out = g.lookup(values, lengths, weights)
                 if out is not None:

@@ -13,20 +13,23 @@ def check_kjt_layout(kjt: KeyedJaggedTensor, features: Sequence[str], is_weighte
     if kjt.variable_stride_per_key():
         raise ValueError("HPSEmbeddingBagCollection: variable batch size per feature (VBE) KJTs are not supported")
     keys = kjt.keys()
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:  # before "missing": a repeated key takes another feature's place
+        raise ValueError(f"input features repeat: {repeated} (keys {keys}); each feature must appear once")
     unknown = [k for k in keys if k not in set(features)]
     if unknown:
         raise ValueError(f"features {unknown} are not in the module's tables; expected features {list(features)}")
     missing = [f for f in features if f not in set(keys)]
     if missing:
         raise ValueError(f"features {missing} are missing from the input; the module's tables need {list(features)}")
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"input features repeat: {keys}")
     values = kjt.values()
     if values.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"ids must be int32 or int64, got {values.dtype} (features {keys})")
     if values.dim() != 1:
         raise ValueError(f"ids must be a 1-D tensor, got shape {tuple(values.shape)}")
     lengths = kjt.lengths()
+    if lengths.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"lengths must be int32 or int64, got {lengths.dtype} (features {keys})")
     expected = len(keys) * kjt.stride()
     if lengths.numel() != expected:
         raise ValueError(f"lengths has {lengths.numel()} entries; expected {len(keys)} features x batch {kjt.stride()}"
