@@ -44,3 +44,4 @@ def test_metrics_endpoint(tier_factory, namespace, kafka_bootstrap):
     assert f'hps_tier_keys_total{{model="{namespace}",table="t1",tier="rocksdb"}}' in text
     assert f'hps_lookup_seconds_count{{model="{namespace}"}} 2.0' in text
     assert f'hps_update_lag_messages{{model="{namespace}"}} 0.0' in text
+

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from typing import Iterable, List, Sequence
 
-import numpy as np
-
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 
 class HPSCollector:
@@ -41,9 +38,8 @@ class HPSCollector:
                                    ("not_found", "not_found")):
                     cache[key].add_metric(labels, s[field])
                 hit_rate.add_metric(labels, s["hit_rate"])
-            lat = np.asarray(module.engine._latencies, dtype=np.float64)
-            buckets = [(str(b), float((lat <= b).sum())) for b in _LATENCY_BUCKETS] + [("+Inf", float(len(lat)))]
-            latency.add_metric([model], buckets, float(lat.sum()))
+            buckets, total = module.engine.latency.buckets()  # cumulative: observed as lookups go
+            latency.add_metric([model], buckets, total)
         yield from cache.values()
         yield hit_rate
         yield latency

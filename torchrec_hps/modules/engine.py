@@ -22,6 +22,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_hps.config import HPSConfig, TableSpec
 from torchrec_hps.modules.cache import AsyncInserter, EmbeddingCacheGroup, TBECacheGroup
 from torchrec_hps.modules.cache.cache_group import HASHED_ID_BOUND
+from torchrec_hps.modules.latency import LatencyHistogram
 from torchrec_hps.modules.kjt_checks import check_kjt_layout, check_lengths, describe_bad_id, out_of_range
 from torchrec_hps.storage.hierarchy import StorageHierarchy
 from torchrec_hps.storage.memory import MemoryTier
@@ -114,7 +115,7 @@ class HPSEngine:
         self._out_perm = None if np.array_equal(perm, np.arange(len(perm))) else torch.from_numpy(perm).to(self.device)
         self._forward_stats = {"calls": 0, "ids": 0, "seconds": 0.0}
         self._unknown_ids = torch.zeros((), dtype=torch.int64, device=self.device)
-        self._latencies: List[float] = []
+        self.latency = LatencyHistogram()
         self._stats_lock = threading.Lock()
         # one pooling group: lookups in its feature order go straight to it (its kernels flag bad input)
         self._fast_group = groups[0] if len(groups) == 1 else None
@@ -191,9 +192,7 @@ class HPSEngine:
             s["calls"] += 1
             s["ids"] += n_ids
             s["seconds"] += dt
-            self._latencies.append(dt)
-            if len(self._latencies) > 10000:
-                del self._latencies[:5000]
+        self.latency.observe(dt)
 
     def spec(self, table: str) -> TableSpec:
         """The table as the tiers see it (num_rows is the id bound: 2^63-1 for hashed ids)."""
@@ -267,11 +266,9 @@ class HPSEngine:
             d["storage"] = storage.get(spec.key, {})
             out[spec.name] = d
         with self._stats_lock:
-            lat = np.asarray(self._latencies) * 1e3
             fwd = dict(self._forward_stats)
         fwd["unknown_ids"] = int(self._unknown_ids)
-        if len(lat):
-            fwd.update(p50_ms=float(np.percentile(lat, 50)), p99_ms=float(np.percentile(lat, 99)))
+        fwd.update(self.latency.percentiles_ms())
         out["_module"] = fwd
         return out
 
