@@ -6,6 +6,31 @@ import sys
 from typing import List, Optional
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in one line (argparse prints the usage first), exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (hint: {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _number(kind, lo: float, hi: float, what: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{text} is out of range; expected {what}")
+        return value
+    return parse
+
+
+_POSITIVE = _number(int, 1, float("inf"), "a whole number >= 1")
+_COUNT = _number(int, 0, float("inf"), "a whole number >= 0")
+_RATIO = _number(float, 1e-9, 1.0, "a share of the rows, 0 < ratio <= 1")
+
+
 class CLIError(Exception):
     def __init__(self, message: str, hint: str = "") -> None:
         super().__init__(message)
@@ -59,7 +84,7 @@ def _stats(args: argparse.Namespace) -> int:
 
     try:
         lines = scrape(args.url)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: not a URL at all
         raise CLIError(f"cannot read {args.url}: {e}", "start the node with a metrics port") from None
     print("\n".join(lines) if lines else "no hps_ metrics at that address")
     return 0
@@ -79,7 +104,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(prog="torchrec-hps", description="Hierarchical parameter server for TorchRec.")
+    parser = _Parser(prog="torchrec-hps", description="Hierarchical parameter server for TorchRec.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the embedded demo (no server needed)", formatter_class=fmt,
                           description="Train a small DLRM, serve it through the parameter server (memory + local "
@@ -87,10 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                                       "check equality with the trained model.",
                           epilog="examples:\n  torchrec-hps demo --batches 20 --cache-ratio 0.01\n"
                                  "  torchrec-hps demo --config hps.yaml   # Redis/Kafka from the config")
-    demo.add_argument("--batches", type=int, default=40)
-    demo.add_argument("--batch-size", type=int, default=512)
-    demo.add_argument("--cache-ratio", type=float, default=0.05, help="share of each table the cache holds")
-    demo.add_argument("--train-steps", type=int, default=200)
+    demo.add_argument("--batches", type=_POSITIVE, default=40)
+    demo.add_argument("--batch-size", type=_POSITIVE, default=512)
+    demo.add_argument("--cache-ratio", type=_RATIO, default=0.05, help="share of each table the cache holds")
+    demo.add_argument("--train-steps", type=_COUNT, default=200)
     demo.add_argument("--config", help="serve from these tiers; with `kafka`, train with the train bridge on")
     demo.set_defaults(func=_demo)
     load = sub.add_parser("load", help="load a TorchRec checkpoint into the tiers", formatter_class=fmt,
@@ -101,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--config", required=True, help="our YAML/JSON config or a HugeCTR ps.json")
     load.add_argument("--model", help="which model of a ps.json")
     load.add_argument("--checkpoint", required=True)
-    load.add_argument("--chunk-rows", type=int, default=65536, help="rows per write (bounds memory)")
+    load.add_argument("--chunk-rows", type=_POSITIVE, default=65536, help="rows per write (bounds memory)")
     load.add_argument("--restart", action="store_true", help="ignore the progress of an earlier, stopped load")
     load.add_argument("--quiet", action="store_true", help="no progress bar")
     load.set_defaults(func=_load)

@@ -92,6 +92,10 @@ tables:
     ("model: m\ncolour: red\n", r"config: unknown keys \['colour'\]"),
     ("cache: {}\n", "'model'"),
     ("model: m\ntables: [{name: t, num_embeddings: 3, embedding_dim: 2, pooling: max}]\n", "tables\\[0\\].pooling"),
+    # wrong types used to reach a comparison and raise TypeError
+    ("model: m\ncache: {cache_ratio: ten percent}\n", r"cache.cache_ratio='ten percent' is not a number"),
+    ("model: m\nstorage: {memory: {capacity: lots}}\n", r"memory.capacity='lots' is not a whole number \(or null\)"),
+    ("model: m\ncache: {cuda_graphs: maybe}\n", r"cache.cuda_graphs='maybe' is not true or false"),
 ])
 def test_invalid_files_name_the_key(tmp_path, text, message):
     path = tmp_path / "bad.yaml"

@@ -44,6 +44,17 @@ def test_cli_errors_are_one_line_with_exit_code(capsys):
         cli.main(["nope"])
     assert e.value.code != 0
     assert "invalid choice" in capsys.readouterr().err
+    # bad values used to give tracebacks (a ValueError deep in the config, ZeroDivisionError)
+    for argv, message in [(["demo", "--cache-ratio", "7"], "argument --cache-ratio: 7 is out of range"),
+                          (["demo", "--batches", "-3"], "argument --batches: -3 is out of range"),
+                          (["demo", "--batch-size", "many"], "argument --batch-size: 'many' is not a whole number")]:
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert cli.main(["stats", "--url", "notaurl"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read notaurl" in err and len(err.strip().splitlines()) == 1, err
 
 
 def _ebc_checkpoint(tmp_path):

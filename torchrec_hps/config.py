@@ -2,12 +2,31 @@
 TorchX. Config files (YAML/JSON, HugeCTR's ps.json) map onto these."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Tuple
 
 OVERFLOW_POLICIES: Tuple[str, ...] = ("evict_lru", "evict_lfu", "evict_random")
 STORAGE_DTYPES: Tuple[str, ...] = ("float32", "float16")
 KEY_PREFIX = "hps_et"  # HugeCTR HPS names tables hps_et.<model>.<table>; we keep the scheme
+
+
+_SCALARS = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,)}
+
+
+def _check_types(obj: Any, owner: str) -> None:
+    """Scalar fields hold what their annotation says (a config file can put any YAML value anywhere):
+    ValueError naming the field, not a TypeError from a comparison later."""
+    for f in fields(obj):
+        ann = str(f.type).replace("typing.", "")
+        optional = ann.startswith("Optional[")
+        kinds = _SCALARS.get(ann[len("Optional["):-1] if optional else ann)
+        value = getattr(obj, f.name)
+        if kinds is None or (optional and value is None):
+            continue
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            want = {"float": "a number", "int": "a whole number", "bool": "true or false", "str": "a string"}
+            raise ValueError(f"{owner}.{f.name}={value!r} is not {want[ann.removeprefix('Optional[').rstrip(']')]}"
+                             + (" (or null)" if optional else ""))
 
 
 def _check_choice(owner: str, name: str, value: str, allowed: Tuple[str, ...]) -> None:
@@ -57,6 +76,7 @@ class MemoryTierConfig:
     seed: int = 0  # for evict_random
 
     def __post_init__(self) -> None:
+        _check_types(self, "memory")
         _check_choice("memory", "overflow_policy", self.overflow_policy, OVERFLOW_POLICIES)
         _check_choice("memory", "storage_dtype", self.storage_dtype, STORAGE_DTYPES)
         _check_range("memory", "resolution_target", self.resolution_target, 0.0, 1.0)
@@ -86,6 +106,7 @@ class RedisTierConfig:
     connection_kwargs: Dict[str, Any] = field(default_factory=dict)  # passed through to redis-py
 
     def __post_init__(self) -> None:
+        _check_types(self, "redis")
         if bool(self.url) == bool(self.cluster_nodes):
             raise ValueError("redis: give exactly one of url (standalone) or cluster_nodes (Cluster)")
         _check_choice("redis", "storage_dtype", self.storage_dtype, STORAGE_DTYPES)
@@ -105,6 +126,7 @@ class RocksDBTierConfig:
     promote: bool = False  # the bottom tier: nothing lower to promote from
 
     def __post_init__(self) -> None:
+        _check_types(self, "rocksdb")
         if not self.path:
             raise ValueError("rocksdb.path is required")
         _check_choice("rocksdb", "storage_dtype", self.storage_dtype, STORAGE_DTYPES)
@@ -149,6 +171,7 @@ class CacheConfig:
     cache_dtype: str = "fp32"  # cached rows: "fp32" or "fp16" (half the HBM per row; pooled output stays fp32)
 
     def __post_init__(self) -> None:
+        _check_types(self, "cache")
         _check_range("cache", "cache_ratio", self.cache_ratio, 0.0, 1.0)
         _check_range("cache", "hit_rate_threshold", self.hit_rate_threshold, 0.0, 1.0)
         _check_range("cache", "eviction_batch", self.eviction_batch, 0.0, 0.5)
@@ -248,6 +271,7 @@ class KafkaConfig:
     consumer: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check_types(self, "kafka")
         if self.max_message_bytes < 1024:
             raise ValueError(f"kafka.max_message_bytes={self.max_message_bytes} is too small (>= 1024)")
         if self.publish_every_steps < 1:
