@@ -50,7 +50,9 @@ test: $(STAMP) tools
 demo: $(STAMP)
 	$(VPY) -m apps.cli demo
 
+# Stops the servers afterwards only if it started them (servers-up before it keeps them up).
 bench-storage: $(STAMP) tools
-	@$(VPY) -m tests.servers up || exit 1; \
+	@was_up=$$($(VPY) -m tests.servers status >/dev/null 2>&1 && echo yes); \
+	$(VPY) -m tests.servers up || exit 1; \
 	$(VPY) -m apps.bench_storage $(BENCH_ARGS); rc=$$?; \
-	$(VPY) -m tests.servers down; exit $$rc
+	[ "$$was_up" = yes ] || $(VPY) -m tests.servers down; exit $$rc

@@ -440,9 +440,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     elif args.action == "down":
         SERVERS.down()
         print("servers down")
-    else:
-        for name, ok in SERVERS.status().items():
+    else:  # exit 1 if any is down (make bench-storage leaves running servers it did not start)
+        status = SERVERS.status()
+        for name, ok in status.items():
             print(f"{name}: {'up' if ok else 'DOWN'}")
+        return 0 if all(status.values()) else 1
     return 0
 
 
