@@ -25,7 +25,9 @@ PS_JSON = {
                 "num_of_worker_buffer_in_pool": 4, "deployed_device_list": [0], "max_batch_size": 1024,
                 "default_value_for_each_table": [0.0], "maxnum_catfeature_query_per_table_per_sample": [26],
                 "embedding_vecsize_per_table": [16], "embedding_table_names": ["sparse_embedding1"],
-                "hit_rate_threshold": 0.9, "gpucacheper": 0.5, "gpucache": True, "mystery_key": 1}],
+                "hit_rate_threshold": 0.9, "gpucacheper": 0.5, "gpucache": True, "mystery_key": 1,
+                "refresh_interval": 30, "refresh_delay": 5, "num_of_refresher_buffer_in_pool": 1}],
+    "fuse_embedding_table": False,
 }
 
 
@@ -40,11 +42,16 @@ def test_ps_json_maps_onto_our_config_and_reports_the_rest(tmp_path):
     assert (r.num_partitions, r.username, r.password, r.promote) == (8, "default", None, True)
     assert cfg.hps.storage.rocksdb.path == "/tmp/rocksdb" and not cfg.hps.storage.rocksdb.read_only
     assert cfg.kafka.bootstrap_servers == "127.0.0.1:9092" and cfg.kafka.poll_timeout == 0.5
+    assert (cfg.hps.cache.refresh_interval, cfg.hps.cache.refresh_delay) == (30.0, 5.0)
     text = "\n".join(cfg.report)
     for key in ("model.mystery_key: unknown key", "model.sparse_files: ignored", "volatile_db.initial_cache_rate",
                 "volatile_db.overflow_margin: ignored for redis_cluster", "update_source.max_commit_interval",
-                "top.supportlonglong"):
+                "top.supportlonglong", "top.fuse_embedding_table: ignored (tables of one pooling mode",
+                "model.num_of_refresher_buffer_in_pool: ignored",
+                "tables sparse_embedding1 (dim 16) not created: ps.json gives no row counts"):
         assert key in text, key
+    # HugeCTR's documented keys are never called unknown; only the made-up one is
+    assert [line for line in cfg.report if "unknown key" in line] == ["model.mystery_key: unknown key, ignored"]
 
 
 def test_ps_json_hash_map_volatile_db_and_bad_values(tmp_path):

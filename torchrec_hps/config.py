@@ -169,6 +169,8 @@ class CacheConfig:
     unknown_keys: str = "error"  # ids outside [0, num_embeddings): "error" or "default" (vector + counter)
     cuda_graphs: bool = True  # on CUDA, replay all-hit lookups as CUDA graphs (one per batch size and id bucket)
     cache_dtype: str = "fp32"  # cached rows: "fp32" or "fp16" (half the HBM per row; pooled output stays fp32)
+    refresh_interval: float = 0.0  # seconds between re-reads of every cached row from the tiers (0: never)
+    refresh_delay: float = 0.0  # seconds after the module starts before the first periodic re-read
 
     def __post_init__(self) -> None:
         _check_types(self, "cache")
@@ -180,6 +182,8 @@ class CacheConfig:
         _check_choice("cache", "cache_dtype", self.cache_dtype, CACHE_DTYPES)
         _check_choice("cache", "admission", self.admission, ADMISSION_POLICIES)
         _check_range("cache", "host_cache_ratio", self.host_cache_ratio, 0.0, 1.0)
+        if self.refresh_interval < 0 or self.refresh_delay < 0:
+            raise ValueError("cache.refresh_interval and cache.refresh_delay must be >= 0 (seconds)")
         if self.host_cache_rows is not None and self.host_cache_rows <= 0:
             raise ValueError(f"cache.host_cache_rows={self.host_cache_rows} must be positive")
         if self.min_cache_rows < 0:

@@ -88,7 +88,8 @@ def load_config(path: Union[str, Path], model: Optional[str] = None) -> ServingC
 # ---- HugeCTR HPS ps.json ----
 _HPS_POLICIES = {"evict_random": "evict_random", "evict_least_used": "evict_lfu", "evict_oldest": "evict_lru"}
 _NOT_USED = {
-    "top": {"supportlonglong": "ids are always int64 here"},
+    "top": {"supportlonglong": "ids are always int64 here",
+            "fuse_embedding_table": "tables of one pooling mode share one TBE here anyway"},
     "model": {"sparse_files": "load tables with `torchrec-hps load` from a TorchRec checkpoint",
               "dense_file": "dense parts stay in the TorchRec model", "network_file": "no HugeCTR network here",
               "deployed_device_list": "pass device= to the module", "max_batch_size": "no fixed batch size",
@@ -96,7 +97,10 @@ _NOT_USED = {
               "not needed", "gpucache": "the cache is always on (gpucacheper=1.0 caches every row)",
               "cache_refresh_percentage_per_iteration": "use refresh() on demand",
               "label_dim": "not used", "slot_num": "not used", "use_static_table": "not used",
-              "use_context_stream": "not used", "fuse_embedding_table": "not used", "embedding_cache_type":
+              "use_context_stream": "not used", "fuse_embedding_table": "tables of one pooling mode share one "
+              "TBE here anyway", "num_of_refresher_buffer_in_pool": "one refresher thread, no buffer pool",
+              "refresh_interval": "mapped to cache.refresh_interval", "refresh_delay": "mapped to cache.refresh_delay",
+              "embedding_cache_type":
               "one cache implementation", "enable_pagelock": "not used", "i64_input_key": "ids are int64"},
     "volatile_db": {"initial_cache_rate": "the memory tier fills on demand", "refresh_interval": "not supported yet",
                     "update_filters": "every table of the model is updated", "max_batch_size":
@@ -200,17 +204,23 @@ def from_ps_json(data: Dict[str, Any], model: Optional[str] = None) -> ServingCo
                       f"using {float(defaults[0])} for every table")
     cache = CacheConfig(cache_ratio=float(m.get("gpucacheper", 0.2)),
                         hit_rate_threshold=float(m.get("hit_rate_threshold", 0.9)),
-                        default_value=float(defaults[0]))
+                        default_value=float(defaults[0]),
+                        refresh_interval=float(m.get("refresh_interval", 0.0)),  # seconds, as HPS
+                        refresh_delay=float(m.get("refresh_delay", 0.0)))
     tables = []
     names_t = m.get("embedding_table_names") or []
     dims = m.get("embedding_vecsize_per_table") or []
     if names_t and dims and len(names_t) != len(dims):
         raise ValueError(f"model.embedding_table_names has {len(names_t)} names but embedding_vecsize_per_table "
                          f"has {len(dims)} sizes")
-    if dims:
-        report.append("model.embedding_vecsize_per_table: table dims noted; num_embeddings comes from the "
-                      "TorchRec model or checkpoint you load")
+    if names_t or dims:  # ps.json has no row counts: the tables themselves come from the TorchRec model
+        named = ", ".join(f"{n} (dim {d})" for n, d in zip(names_t, dims)) if names_t and dims else \
+            ", ".join(str(x) for x in (names_t or dims))
+        report.append(f"model.embedding_table_names/embedding_vecsize_per_table: tables {named} not created: "
+                      "ps.json gives no row counts; the tables, their sizes and names come from the TorchRec "
+                      "model or checkpoint that `torchrec-hps load` or swap_in_hps reads")
     _take(m, "model", {"model", "gpucacheper", "hit_rate_threshold", "default_value_for_each_table",
-                       "embedding_table_names", "embedding_vecsize_per_table"}, report)
+                       "embedding_table_names", "embedding_vecsize_per_table", "refresh_interval", "refresh_delay"},
+          report)
     hps = HPSConfig(model=m.get("model") or "model", cache=cache, storage=storage)
     return ServingConfig(hps=hps, kafka=kafka, tables=tables, report=report)

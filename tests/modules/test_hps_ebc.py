@@ -228,3 +228,20 @@ def test_config_errors():
         CacheConfig(eviction="fifo")
     with pytest.raises(ValueError, match="hit_rate_threshold"):
         CacheConfig(hit_rate_threshold=1.5)
+
+
+def test_periodic_refresh_rereads_cached_rows(make_hps):
+    """cache.refresh_interval (HugeCTR's refresh_interval): rows changed in the tiers behind the module's
+    back (no update call, no Kafka) reach lookups within an interval or so."""
+    import time
+
+    ref, hps = make_hps(cache=CacheConfig(cache_ratio=1.0, min_cache_rows=1, hit_rate_threshold=1.0,
+                                          refresh_interval=0.1))
+    kjt = _kjt({"f4": [7]})
+    before = hps(kjt).to_dict()["f4"][0]
+    hps.engine.storage.put(hps.engine.specs[2].key, torch.tensor([7]), torch.full((1, 16), 5.0))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not bool(hps(kjt).to_dict()["f4"][0].eq(5.0).all()):
+        time.sleep(0.05)
+    assert bool(hps(kjt).to_dict()["f4"][0].eq(5.0).all()) and not bool(before.eq(5.0).all())
+    assert hps.engine.specs[2].name == "t3"

@@ -10,6 +10,7 @@ see only the front.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Dict, List, Optional, Sequence, Union
@@ -26,6 +27,8 @@ from torchrec_hps.modules.latency import LatencyHistogram
 from torchrec_hps.modules.kjt_checks import check_kjt_layout, check_lengths, describe_bad_id, out_of_range
 from torchrec_hps.storage.hierarchy import StorageHierarchy
 from torchrec_hps.storage.memory import MemoryTier
+
+logger = logging.getLogger(__name__)
 
 _POOLINGS = (PoolingType.SUM, PoolingType.MEAN)
 
@@ -117,6 +120,11 @@ class HPSEngine:
         self._unknown_ids = torch.zeros((), dtype=torch.int64, device=self.device)
         self.latency = LatencyHistogram()
         self._stats_lock = threading.Lock()
+        self._stop_refresh = threading.Event()
+        self._refresher = None
+        if config.cache.refresh_interval > 0:  # HPS's periodic refresh of cached rows from the tiers
+            self._refresher = threading.Thread(target=self._refresh_loop, name="hps-refresh", daemon=True)
+            self._refresher.start()
         # one pooling group: lookups in its feature order go straight to it (its kernels flag bad input)
         self._fast_group = groups[0] if len(groups) == 1 else None
 
@@ -250,6 +258,18 @@ class HPSEngine:
             out[name] = group.refresh(t)
         return out
 
+    def _refresh_loop(self) -> None:
+        cache = self.config.cache
+        if self._stop_refresh.wait(cache.refresh_delay):
+            return
+        while True:
+            try:
+                self.refresh()
+            except Exception:  # a tier down: keep serving what is cached, try again next interval
+                logger.exception("periodic refresh failed")
+            if self._stop_refresh.wait(cache.refresh_interval):
+                return
+
     def wait_idle(self) -> None:
         """Block until background insertions queued so far are done."""
         if self.inserter is not None:
@@ -273,6 +293,9 @@ class HPSEngine:
         return out
 
     def close(self) -> None:
+        self._stop_refresh.set()
+        if self._refresher is not None:
+            self._refresher.join(timeout=30)
         for group in self.groups:
             group.close()
         if self.inserter is not None:
