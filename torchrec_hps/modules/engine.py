@@ -5,8 +5,8 @@ Data flow: KJT -> per pooling group, the cache (cache/cache_group.py: probe both
 fetch what neither holds from the tiers, fbgemm TBE over the rows) -> pooled values in the tables' feature
 order. A KJT already in the group's feature order goes straight to the group, whose kernels flag bad input;
 anything else (another feature order, several groups, bad input) takes the checked path: the checks here
-(clear errors), one feature permutation, then the groups. The engine is a plain object, not an nn.Module, so that TorchScript and torch.export
-see only the front.
+(clear errors), one feature permutation, then the groups. The engine is a plain object, not an nn.Module,
+so that TorchScript and torch.export see only the front.
 """
 from __future__ import annotations
 
@@ -81,6 +81,7 @@ class HPSEngine:
         self.specs = [TableSpec(config.model, t.name, HASHED_ID_BOUND if hashed else t.num_embeddings,
                                 t.embedding_dim) for t in tables]
         cache_specs = [TableSpec(config.model, t.name, t.num_embeddings, t.embedding_dim) for t in tables]
+        self._spec_of = {spec.name: spec for spec in self.specs}
         self.storage.add_tables(self.specs)
         self.inserter = AsyncInserter() if config.cache.hit_rate_threshold < 1.0 else None
 
@@ -184,7 +185,8 @@ class HPSEngine:
             v_hi = v_lo + sum(host_counts[f_lo:f_lo + n_g])
             out = group.lookup(values[v_lo:v_hi], lengths[f_lo * batch:(f_lo + n_g) * batch],
                                weights[v_lo:v_hi] if weights is not None else None, allow_invalid=True)
-            assert out is not None, "the engine checked the layout"
+            if out is None:  # the checks above rule out what the group refuses
+                raise RuntimeError("a cache group refused a lookup that passed the engine's checks")
             outs.append(out)
             f_lo, v_lo = f_lo + n_g, v_hi
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
@@ -204,8 +206,8 @@ class HPSEngine:
 
     def spec(self, table: str) -> TableSpec:
         """The table as the tiers see it (num_rows is the id bound: 2^63-1 for hashed ids)."""
-        group, t = self._loc(table)
-        return self.specs[[s.name for s in self.specs].index(table)]
+        self._loc(table)  # an unknown table: a clear error
+        return self._spec_of[table]
 
     # ---- cache control (the update path, pre-fill, refresh) ----
     def _loc(self, table: str):

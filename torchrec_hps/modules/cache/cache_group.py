@@ -156,7 +156,8 @@ class TBECacheGroup(EmbeddingCacheGroup):
         self.__dict__["_tick"] = tick
 
     def wait_for_device(self) -> None:
-        """Before the host rewrites host rows: no queued kernel may still read them."""
+        """Before host rows are rewritten: the rewrite runs on the current stream, but a kernel queued on
+        another stream (another thread's lookup) may still read them."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -171,10 +172,7 @@ class TBECacheGroup(EmbeddingCacheGroup):
         with self.lock:
             self._writes[t] += 1
             entries, held = self._held(t, keys)
-            gone = entries[torch.from_numpy(held).to(self.device)]
-            if self.hbm is not None:
-                self.hbm.drop(gone)
-            self.index.remove(gone)
+            self._forget(entries[torch.from_numpy(held).to(self.device)])
 
     def update(self, t: int, keys: np.ndarray, rows: torch.Tensor) -> int:
         """New values for distinct `keys`: rows held in either level are overwritten in place. Returns how
@@ -185,11 +183,7 @@ class TBECacheGroup(EmbeddingCacheGroup):
             if not held.any():
                 return 0
             mask = torch.from_numpy(held)
-            kept = entries[mask.to(self.device)]
-            self.wait_for_device()
-            self.host_rows.write(t, self.index.local_slots(torch.full_like(kept, t), kept).cpu(), rows.cpu()[mask])
-            if self.hbm is not None:
-                self.hbm.refresh(kept, self.host_rows.layout)
+            self._rewrite(t, entries[mask.to(self.device)], rows[mask.to(rows.device)])
             return int(held.sum())
 
     def prefill(self, t: int, keys: np.ndarray) -> int:
@@ -215,17 +209,23 @@ class TBECacheGroup(EmbeddingCacheGroup):
                 return 0
             keys = self.index.keys[entries].cpu().numpy()
             res = self.storage.get(self.specs[t].key, torch.from_numpy(keys))
-            found = res.found.numpy()
-            self.wait_for_device()
-            mask = torch.from_numpy(found).to(self.device)
-            kept = entries[mask]
-            self.host_rows.write(t, self.index.local_slots(torch.full_like(kept, t), kept).cpu(), res.rows[res.found])
-            gone = entries[~mask]
-            if self.hbm is not None:
-                self.hbm.refresh(kept, self.host_rows.layout)
-                self.hbm.drop(gone)
-            self.index.remove(gone)
-            return int(found.sum())
+            mask = res.found.to(self.device)
+            self._rewrite(t, entries[mask], res.rows[res.found])
+            self._forget(entries[~mask])
+            return int(res.found.sum())
+
+    def _rewrite(self, t: int, entries: torch.Tensor, rows: torch.Tensor) -> None:
+        """New values for held entries of table t: their host rows, then their HBM copies."""
+        self.wait_for_device()
+        self.host_rows.write(t, self.index.local_slots(torch.full_like(entries, t), entries), rows)
+        if self.hbm is not None:
+            self.hbm.refresh(entries, self.host_rows.layout)
+
+    def _forget(self, entries: torch.Tensor) -> None:
+        """Drop entries from both levels (HBM first: it is inclusive)."""
+        if self.hbm is not None:
+            self.hbm.drop(entries)
+        self.index.remove(entries)
 
     def insert_missing(self, t: int, keys: np.ndarray) -> None:
         """Background insertion (AsyncInserter): fetch outside the lock, insert what is still missing."""

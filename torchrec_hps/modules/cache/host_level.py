@@ -4,8 +4,8 @@ On CUDA the rows are fbgemm UVM weights allocated host-mapped (cudaHostAlloc, ne
 the GPU reads them in place: the TBE for ids not in HBM, the admission kernel when it copies rows into HBM.
 Rows fetched from the tiers are written by the GPU too (one copy up, one scatter into host memory), in
 stream order with the lookups: host stores into this write-combined memory would need fences the GPU
-cannot see. Without CUDA they are the TBE's host weights. Row 0 of each table holds the default vector; the rest are
-the index's entries in order (set_index.py), so the index gives the row directly.
+cannot see. Without CUDA they are the TBE's host weights. Row 0 of each table holds the default vector;
+the rest are the index's entries in order (set_index.py), so the index gives the row directly.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from torchrec_hps.modules.cache.set_index import SetIndex
 
 
 class HostRows:
-    """Typed views of one TBE's per-table weights, for the host (writes) and the device (reads)."""
+    """Typed per-table views of one TBE's weights, and their layout as the admission kernel reads them."""
 
     def __init__(self, tbe: torch.nn.Module, specs: Sequence[TableSpec], index: SetIndex, row_dtype: torch.dtype,
                  default_value: float) -> None:
@@ -41,7 +41,6 @@ class HostRows:
             word_offset=torch.tensor([o // 4 for o in offsets], dtype=torch.int64, device=dev),
             row_words=torch.tensor([rb // 4 for rb in row_bytes], dtype=torch.int64, device=dev),
             max_row_words=max(rb // 4 for rb in row_bytes))
-        self.default_value = default_value
 
     def write(self, t: int, slots: torch.Tensor, rows: torch.Tensor) -> None:
         """Rows (any float dtype) into table t's host rows at `slots`; on CUDA a scatter on the current stream."""

@@ -68,7 +68,6 @@ class SetIndex:
                                    device=device)
         set_base = np.concatenate([[0], np.cumsum(n_sets)])
         self.device = device
-        self.n_sets_np = n_sets
         self.capacities = [int(s) * WAYS for s in n_sets]
         self.entry_base_np = set_base[:-1] * WAYS
         self.num_entries = int(set_base[-1]) * WAYS
