@@ -101,7 +101,7 @@ def test_lookup_graphs_serve_all_hit_lookups_exactly(tmp_path, monkeypatch, grap
         torch.testing.assert_close(out.cpu(), ref(kjt).values().detach(), rtol=1e-5, atol=1e-5)
     assert outs[0].data_ptr() != outs[1].data_ptr()  # each lookup's output is its own tensor
     assert group.path.runs == 5 and group.path.reruns == 0
-    shape = group.path._shapes[(8, 1024, weighted)]
+    shape = group.path._shapes[(8, 1024, weighted, False)]  # (batch, bucket, weighted, prefetch)
     assert (shape.graph is not None) == graphs and shape.pooled_in_graph == (graphs and pooled_in_graph)
     assert shape.zero_copy == zero_copy  # with Triton on the GPU: kernels use the pinned buffers in place
     s = hps.stats()
@@ -225,3 +225,40 @@ def test_direct_tbe_call_equals_fbgemm_forward():
         n = int(offsets[-1])
         idx = torch.randint(0, 300, (n,), device="cuda").int()
         torch.testing.assert_close(bind_pooled_lookup(tbe)(idx, offsets, None), tbe(idx, offsets))
+
+
+@pytest.mark.parametrize("ratio", [0.01, 0.1, 1.0])
+@pytest.mark.parametrize("threshold", [1.0, 0.0])
+def test_prefetch_on_a_side_stream_then_forward_is_exact(tmp_path, ratio, threshold):
+    """The serving loop's order: prefetch(i+1) (host KJT), forward(i) (its lookup launches i+1's prefetch on
+    the side stream), dense work queued after it; sync and async misses, updates in between."""
+    ref, storage, hps = _setup(tmp_path, ratio, threshold=threshold, host_cache_ratio=1.0)
+    gen = torch.Generator().manual_seed(11)
+    batches = [random_kjt(TABLES, 64, gen=gen) for _ in range(8)]
+    cuda = torch.device("cuda")
+    prev = None
+    for i, kjt in enumerate(batches):
+        if i + 1 < len(batches):
+            hps.prefetch(batches[i + 1])
+        out = hps(kjt.to(cuda)).values()
+        dense = torch.randn(4096, 4096, device=cuda) @ torch.randn(4096, 4096, device=cuda)  # batch i's MLPs
+        if i == 4:  # an update after a prefetch reaches the prefetched batch's lookup
+            hps.update("t1", torch.arange(10), torch.full((10, 8), 5.0))
+            ref.embedding_bags["t1"].weight.data[:10] = 5.0
+        want = ref(kjt).values().detach()
+        if threshold == 0.0:  # async mode: misses read defaults until inserted in the background
+            prev = out
+            continue
+        if i == 4:
+            continue  # batch 4's output was computed before the update
+        torch.testing.assert_close(out.cpu(), want, rtol=1e-5, atol=1e-5)
+        del dense
+    hps.wait_idle()
+    final = hps(batches[-1].to(cuda)).values().cpu()
+    torch.testing.assert_close(final, ref(batches[-1]).values().detach(), rtol=1e-5, atol=1e-5)
+    for g in hps.engine.groups:
+        check_hbm_level(g)
+        assert g.prefetches == len(batches) - 1
+    assert prev is not None or threshold == 1.0
+    hps.close()
+    storage.close()

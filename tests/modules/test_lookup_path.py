@@ -238,3 +238,33 @@ def test_set_index_evicts_least_recently_used_and_spares_the_protected():
     full, _, _ = index.insert(torch.zeros(1, dtype=torch.int64), torch.tensor([200]), tick=60, protect_tick=60)
     assert int(full[0]) == -1 and int(index.find(t[:1], torch.tensor([200]))[0]) == -1
     assert NO_ROW == -1 and np.all(index.keys.numpy() != 200)
+
+
+@pytest.mark.parametrize("two_levels", [False, True])
+def test_prefetch_brings_the_rows_in_and_the_lookup_stays_exact(make_hps, monkeypatch, two_levels):
+    monkeypatch.setattr(cache_group, "HBM_LEVEL_ON_CPU", two_levels)
+    # the host level holds every row (an id whose set is full is served uncached, and would miss again);
+    # the HBM level 30%
+    ref, hps = make_hps(TABLES, cache=_cache(0.3 if two_levels else 1.0, host_cache_ratio=1.0))
+    gen = torch.Generator().manual_seed(9)
+    n_ids = 0
+    for step in range(5):
+        kjt = random_kjt(TABLES, 24, gen=gen)
+        n_ids += kjt.values().numel()
+        hps.prefetch(kjt)
+        groups = hps.engine.groups
+        reruns = [g.path.reruns for g in groups]
+        if step == 2:  # an update between the prefetch and the lookup is served, not the prefetched row
+            ref.embedding_bags["t1"].weight.data[:5] = 3.0
+            hps.update("t1", torch.arange(5), torch.full((5, 8), 3.0))
+        torch.testing.assert_close(hps(kjt).values(), ref(kjt).values().detach(), rtol=1e-5, atol=1e-5)
+        assert [g.path.reruns for g in groups] == reruns  # the prefetch fetched every miss already
+        if two_levels:
+            for g in groups:
+                check_hbm_level(g)
+    s = hps.stats()
+    assert sum(s[t.name]["ids"] for t in TABLES) == n_ids  # each batch counted once (at its prefetch)
+    assert sum(g.prefetches for g in hps.engine.groups) == 5 * len(hps.engine.groups)
+    other = random_kjt(TABLES, 24, gen=gen)  # a lookup of another batch than the prefetched one is exact too
+    hps.prefetch(random_kjt(TABLES, 24, gen=gen))
+    torch.testing.assert_close(hps(other).values(), ref(other).values().detach(), rtol=1e-5, atol=1e-5)

@@ -125,10 +125,12 @@ def check_probe_and_admission() -> None:
                     hl._select_kernel[grid](out.cand, out.cand_count, scalars, level.set_fill, level.tags, level.ticks,
                                             victims, level.n_sets, level.stage_count, level.capacity,
                                             level.n_staging, DIRECT=level.direct, W=HBM_WAYS, BLOCK_SIZE=hl.BLOCK)
-                    hl._apply_kernel[(triton.cdiv(bucket, hl.COPY_BLOCK),)](out.cand, out.cand_count, scalars, victims, level.tags, level.ticks,
+                    blocks = triton.cdiv(bucket, hl.COPY_BLOCK)  # a bounded grid (2 programs): the grid-stride path
+                    hl._apply_kernel[(2,)](out.cand, out.cand_count, scalars, victims, level.tags, level.ticks,
                                            level.hbm_of_host, level.capacity, layout.words, layout.entry_base, layout.word_offset,
                                            layout.row_words, 4, level.row_words, level.row_words.shape[1],
-                                           SEARCH_STEPS=3, MAX_WORDS=8, BLOCK_SIZE=hl.COPY_BLOCK)
+                                           ITERS=triton.cdiv(blocks, 2), SEARCH_STEPS=3, MAX_WORDS=8,
+                                           BLOCK_SIZE=hl.COPY_BLOCK)
                     hl._relocate_kernel[(1,)](out.entries, out.locs, level.hbm_of_host, bucket, BLOCK_SIZE=1024)
                 else:
                     level._admit_torch(out.cand, c, victims, 9, layout, stage=True)

@@ -1,4 +1,4 @@
-"""End-to-end benchmark: torchrec's own DLRM served four ways on one stream of new Zipf batches, one run.
+"""End-to-end benchmark: torchrec's own DLRM served five ways on one stream of new Zipf batches, one run.
 
 Model: `torchrec.models.dlrm.DLRM`, `num_tables` tables x `rows` x `dim` fp32, one Zipf(1.09) id per feature
 (one popularity order for the whole stream, every timed batch new), 13 dense features, bottom MLP
@@ -7,6 +7,9 @@ Model: `torchrec.models.dlrm.DLRM`, `num_tables` tables x `rows` x `dim` fp32, o
 - `torchrec UVM cache`: the same, each TBE moved to fbgemm's UVM cache at `budget` of its rows
   (`move_to_device_with_cache`), the TorchRec user's option today for tables beyond HBM;
 - `ours`: `swap_in_hps` at `cache_ratio=budget`, the host level holding every row, synchronous (exact);
+- `ours + prefetch`: the same module in a serving loop that registers batch i+1 (its host KJT, pinned) for
+  prefetch before batch i's forward, whose lookup launches i+1's misses and copy into HBM on a side stream
+  right after i's TBE, overlapping i's MLPs; the time per batch holds both (its own stream of batches);
 - `CPU only`: the float model on the host's cores (fewer batches: it is slow).
 Each GPU variant with fp32 MLPs and with bf16 autocast. p50/p99 of CUDA-event times per batch; outputs
 of ours checked against the all-HBM model's and the CPU model's.
@@ -77,11 +80,16 @@ def run_e2e_bench(num_tables: int = 26, rows: int = 1_000_000, dim: int = 128, b
     results: List[Dict] = []
     for batch in batches:
         # one stream per MLP precision, so neither run replays the other's batches
-        kjts = {mlp: [stream.batch(names, batch, 1) for _ in range(warmup + reps)] for mlp in ("fp32", "bf16")}
-        dense = {mlp: [torch.randn(batch, 13, device=dev) for _ in range(warmup + reps)] for mlp in ("fp32", "bf16")}
+        # one stream per (MLP precision, prefetch or not), so no run replays another's batches
+        keys = [(mlp, pre) for mlp in ("fp32", "bf16") for pre in (False, True)]
+        kjts = {k: [stream.batch(names, batch, 1) for _ in range(warmup + reps)] for k in keys}
+        dense = {k: [torch.randn(batch, 13, device=dev) for _ in range(warmup + reps)] for k in keys}
+        # the serving loop prefetches from the batch's host tensors, assembled in pinned memory (so their copy
+        # to the device is asynchronous and overlaps too)
+        host_kjts = {k: [_pinned(kjt) for kjt in kjts[k]] for k in keys if k[1]}
         rows_out = []
         with torch.no_grad():
-            last_dense, last_kjt = dense["fp32"][-1], kjts["fp32"][-1]
+            last_dense, last_kjt = dense[("fp32", False)][-1], kjts[("fp32", False)][-1]
             ref = variants["torchrec all HBM"](last_dense, last_kjt)
             got = variants[f"ours {budget:.0%} sync"](last_dense, last_kjt)
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
@@ -90,16 +98,21 @@ def run_e2e_bench(num_tables: int = 26, rows: int = 1_000_000, dim: int = 128, b
             cpu_times = []
             for i in range(cpu_reps):
                 t0 = time.perf_counter()
-                cpu_model(dense["fp32"][warmup + i].cpu(), kjts["fp32"][warmup + i].to(torch.device("cpu")))
+                cpu_model(dense[("fp32", False)][warmup + i].cpu(),
+                          kjts[("fp32", False)][warmup + i].to(torch.device("cpu")))
                 cpu_times.append((time.perf_counter() - t0) * 1e3)
             cpu_p50 = statistics.median(cpu_times)
             rows_out.append(dict(variant="CPU only", mlp="fp32", batch=batch, p50_ms=cpu_p50,
                                  p99_ms=float(np.percentile(cpu_times, 99)), hit_rate=None))
-            for name, m in variants.items():
+            runs = [(name, m, False) for name, m in variants.items()]
+            runs.append((f"ours {budget:.0%} + prefetch", variants[f"ours {budget:.0%} sync"], True))
+            for name, m, pre in runs:
                 for mlp in ("fp32", "bf16"):
-                    def step(i, m=m, mlp=mlp):
+                    def step(i, m=m, mlp=mlp, pre=pre):
+                        if pre and i + 1 < warmup + reps:  # the serving loop: batch i+1's rows during i's MLPs
+                            hps.prefetch(host_kjts[(mlp, pre)][i + 1])
                         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=mlp == "bf16"):
-                            return m(dense[mlp][i], kjts[mlp][i])
+                            return m(dense[(mlp, pre)][i], kjts[(mlp, pre)][i])
                     before = _hits(m)
                     times = _times_ms(step, warmup, reps)
                     after = _hits(m)
@@ -117,6 +130,13 @@ def run_e2e_bench(num_tables: int = 26, rows: int = 1_000_000, dim: int = 128, b
         del kjts, dense
     storage.close()
     return results
+
+
+def _pinned(kjt):
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    return KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values().cpu().pin_memory(),
+                             lengths=kjt.lengths().cpu().pin_memory())
 
 
 def _hits(module):

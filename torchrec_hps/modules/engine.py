@@ -195,6 +195,30 @@ class HPSEngine:
         self._record(t0, values.numel())
         return out
 
+    def prefetch(self, features: KeyedJaggedTensor) -> None:
+        """Bring the batch's rows into the cache during the next lookup (see TBECacheGroup.prefetch): a serving
+        loop calls it for batch i+1 before batch i's forward, so i+1's miss path and copy into HBM overlap
+        batch i's dense layers. Pass the KJT on the host, pinned, to overlap its copy too. Bad input is left
+        to the batch's lookup, which reports it as usual."""
+        check_kjt_layout(features, self._feature_names, self._is_weighted)
+        if features.keys() != self._internal_names:
+            index = {k: i for i, k in enumerate(features.keys())}
+            features = features.permute([index[k] for k in self._internal_names])
+        batch = features.stride()
+        values, lengths = features.values(), features.lengths()
+        weights = features.weights_or_none() if self._is_weighted else None
+        if len(self.groups) == 1:
+            self.groups[0].prefetch(values, lengths, weights)
+            return
+        counts = lengths.view(len(self._internal_names), batch).sum(1).tolist() if batch else \
+            [0] * len(self._internal_names)
+        f_lo, v_lo = 0, 0
+        for group, n_g in zip(self.groups, self._group_features):
+            v_hi = v_lo + sum(counts[f_lo:f_lo + n_g])
+            group.prefetch(values[v_lo:v_hi], lengths[f_lo * batch:(f_lo + n_g) * batch],
+                           weights[v_lo:v_hi] if weights is not None else None)
+            f_lo, v_lo = f_lo + n_g, v_hi
+
     def _record(self, t0: float, n_ids: int) -> None:
         dt = time.perf_counter() - t0
         with self._stats_lock:

@@ -80,6 +80,12 @@ class HPSEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def stats(self) -> Dict[str, Dict]:
         return self._engine.stats()
 
+    def prefetch(self, features: KeyedJaggedTensor) -> None:
+        """Bring a coming batch's rows into the cache on a side stream (fbgemm TBE's `prefetch` idea): call it
+        for batch i+1 before batch i's forward (whose lookup launches it, overlapping i's dense layers);
+        `forward(batch i+1)` then finds its rows, exact either way."""
+        self._engine.prefetch(features)
+
     def invalidate(self, table: str, keys) -> None:
         self._engine.invalidate(table, keys)
 

@@ -124,6 +124,14 @@ class TBECacheGroup(EmbeddingCacheGroup):
         self.lock = threading.RLock()
         self._tick = 0
         self._writes = [0] * len(self.specs)  # updates/invalidations per table: background inserts check them
+        # prefetch (a side stream, ordered against the caller's stream by events; see prefetch())
+        self._side: Optional[torch.cuda.Stream] = None
+        self._prefetched: Optional[torch.cuda.Event] = None
+        self._last_write: Optional[torch.cuda.Event] = None
+        self._next: Optional[tuple] = None  # a registered batch (its ids on the device), launched by the next lookup
+        self._inflight: Optional[tuple] = None  # a launched prefetch whose flags are not read yet
+        self._prefetched_batch: Optional[tuple] = None
+        self.prefetches = 0
         self.path = LookupPath(self, use_graphs=config.cuda_graphs and cuda)
 
     # ---- the lookup ----
@@ -133,17 +141,91 @@ class TBECacheGroup(EmbeddingCacheGroup):
         order), or None when the input needs the engine's checks: lengths that disagree with the ids, or ids
         out of range (unless `allow_invalid`: the engine has checked them, and they get the default)."""
         with self.lock:
+            self._after_prefetch()
+            # the lookup of a batch just prefetched is not counted again (the prefetch counted its misses)
+            count = self._prefetched_batch != (values.numel(), lengths.numel())
+            self._prefetched_batch = None
             self._next_tick()
-            out, flags, shape = self.path.run(values, lengths, per_sample_weights, self._tick, True, allow_invalid)
+            out, flags, shape = self.path.run(values, lengths, per_sample_weights, self._tick, count, allow_invalid)
             if flags & FLAG_LAYOUT or (flags & FLAG_INVALID and not allow_invalid):
                 return None
-            if not flags & FLAG_MISS:
-                return out
-            overflow = fetch_misses(self, shape, values.numel())
-            out, _, shape = self.path.run(values, lengths, per_sample_weights, self._tick, False, allow_invalid)
-            for t, left in overflow.items():
-                out = overwrite_uncached(self, out, shape, values.numel(), t, left, per_sample_weights)
+            if flags & FLAG_MISS:
+                overflow = fetch_misses(self, shape, values.numel())
+                out, _, shape = self.path.run(values, lengths, per_sample_weights, self._tick, False, allow_invalid,
+                                              rerun=True)
+                for t, left in overflow.items():
+                    out = overwrite_uncached(self, out, shape, values.numel(), t, left, per_sample_weights)
+            self._mark()
+            self._launch_prefetch()
             return out
+
+    # ---- prefetch: the next batch's misses and HBM admission while the caller's dense layers run ----
+    def prefetch(self, values: torch.Tensor, lengths: torch.Tensor, per_sample_weights: Optional[torch.Tensor] = None
+                 ) -> None:
+        """Bring a coming batch's rows in during the next lookup: call it for batch i+1 before batch i's
+        forward. Its ids are copied to the device now (on a side stream: pass pinned host tensors); right after
+        batch i's TBE is queued, the probe and the admission into HBM (the copy over PCIe) run on the side
+        stream, overlapping the dense layers the caller queues after the lookup; batch i+1's lookup reads the
+        flags (the miss path for ids in neither level runs then, if any) and finds its rows. Exact whatever
+        happens in between; on the host (no streams) it is carried out at once."""
+        with self.lock:
+            if self.device.type != "cuda":
+                self._prefetch_now(values, lengths, per_sample_weights)
+                return
+            if self._side is None:  # high priority: its copy gets SMs as the caller's GEMM blocks retire
+                self._side = torch.cuda.Stream(device=self.device, priority=-1)
+                self._prefetched = torch.cuda.Event()
+            if values.device == self.device:  # made on the caller's stream: it may still be in the making
+                self._side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._side):
+                self._next = tuple(x.to(self.device, non_blocking=True) if x is not None else None
+                                   for x in (values, lengths, per_sample_weights))
+
+    def _prefetch_now(self, values, lengths, weights) -> None:
+        self._next_tick()
+        _, flags, shape = self.path.run(values, lengths, weights, self._tick, True, True, prefetch=True)
+        if flags & FLAG_MISS and not flags & FLAG_LAYOUT:
+            fetch_misses(self, shape, values.numel())
+            self.path.run(values, lengths, weights, self._tick, False, True, prefetch=True, rerun=True)
+        self._prefetched_batch = (values.numel(), lengths.numel())
+        self.prefetches += 1
+
+    def _launch_prefetch(self) -> None:
+        """After a lookup's TBE is queued: the registered batch's probe and admission on the side stream, the
+        host not waiting (its flags are read by the next locked call)."""
+        if self._next is None:
+            return
+        values, lengths, weights = self._next
+        self._next = None
+        self._side.wait_event(self._last_write)  # this lookup (its TBE reads the HBM rows) and any write
+        with torch.cuda.stream(self._side):
+            self._next_tick()
+            _, _, shape = self.path.run(values, lengths, weights, self._tick, True, True, prefetch=True, wait=False)
+            self._prefetched.record(self._side)
+        self._inflight = (shape, values, lengths, weights, self._tick)
+        self._prefetched_batch = (values.numel(), lengths.numel())
+        self.prefetches += 1
+
+    def _after_prefetch(self) -> None:
+        """Before any work on the caller's stream: a launched prefetch is complete (both change the levels);
+        ids it found in neither level are fetched now, and admitted."""
+        if self._inflight is None:
+            return
+        shape, values, lengths, weights, tick = self._inflight
+        self._inflight = None
+        self._prefetched.synchronize()
+        torch.cuda.current_stream(self.device).wait_event(self._prefetched)
+        flags = int(shape.flags_np[0])
+        if flags & FLAG_MISS and not flags & FLAG_LAYOUT:
+            fetch_misses(self, shape, values.numel())
+            self.path.run(values, lengths, weights, tick, False, True, prefetch=True, rerun=True)
+
+    def _mark(self) -> None:
+        """Where the caller's stream stands after a lookup or a write: a launched prefetch starts there."""
+        if self.device.type == "cuda":
+            if self._last_write is None:
+                self._last_write = torch.cuda.Event()
+            self._last_write.record(torch.cuda.current_stream(self.device))
 
     def _next_tick(self) -> None:
         # a plain attribute write: nn.Module.__setattr__ costs microseconds on the per-lookup path
@@ -170,6 +252,7 @@ class TBECacheGroup(EmbeddingCacheGroup):
     def invalidate(self, t: int, keys: np.ndarray) -> None:
         """Forget `keys` of table t in both levels: the next lookup fetches them from the tiers."""
         with self.lock:
+            self._after_prefetch()
             self._writes[t] += 1
             entries, held = self._held(t, keys)
             self._forget(entries[torch.from_numpy(held).to(self.device)])
@@ -178,6 +261,7 @@ class TBECacheGroup(EmbeddingCacheGroup):
         """New values for distinct `keys`: rows held in either level are overwritten in place. Returns how
         many were held."""
         with self.lock:
+            self._after_prefetch()
             self._writes[t] += 1
             entries, held = self._held(t, keys)
             if not held.any():
@@ -189,6 +273,7 @@ class TBECacheGroup(EmbeddingCacheGroup):
     def prefill(self, t: int, keys: np.ndarray) -> int:
         """Insert rows for `keys` (hottest first) while the host level has room; returns how many went in."""
         with self.lock:
+            self._after_prefetch()
             _, held = self._held(t, keys)
             keys = keys[~held][:max(0, self.capacities[t] - self.cached_rows(t))]
             if len(keys) == 0:
@@ -199,11 +284,13 @@ class TBECacheGroup(EmbeddingCacheGroup):
             if self.hbm is not None:  # hottest first into HBM too, while it has room
                 entries, held = self._held(t, keys)
                 self.hbm.fill(entries[torch.from_numpy(held).to(self.device)], self._tick, self.host_rows.layout)
+            self._mark()
             return self.stats_[t].inserted - before
 
     def refresh(self, t: int) -> int:
         """Re-read every cached row of table t from the tiers (rows gone from every tier are dropped)."""
         with self.lock:
+            self._after_prefetch()
             entries = self.index.table_entries(t)
             if entries.numel() == 0:
                 return 0
@@ -220,12 +307,14 @@ class TBECacheGroup(EmbeddingCacheGroup):
         self.host_rows.write(t, self.index.local_slots(torch.full_like(entries, t), entries), rows)
         if self.hbm is not None:
             self.hbm.refresh(entries, self.host_rows.layout)
+        self._mark()
 
     def _forget(self, entries: torch.Tensor) -> None:
         """Drop entries from both levels (HBM first: it is inclusive)."""
         if self.hbm is not None:
             self.hbm.drop(entries)
         self.index.remove(entries)
+        self._mark()
 
     def insert_missing(self, t: int, keys: np.ndarray) -> None:
         """Background insertion (AsyncInserter): fetch outside the lock, insert what is still missing."""
@@ -238,9 +327,11 @@ class TBECacheGroup(EmbeddingCacheGroup):
         with self.lock:
             if self._writes[t] != writes:  # rows read before an update may be stale: the next miss refetches
                 return
+            self._after_prefetch()
             still = ~self._held(t, keys)[1]  # another insert may have run since
             insert_rows(self, [(t, keys[still], res.rows[torch.from_numpy(still)], res.found.numpy()[still])],
                         protect_tick=self._tick)
+            self._mark()
 
     # ---- introspection ----
     def cached_rows(self, t: int) -> int:
@@ -255,6 +346,11 @@ class TBECacheGroup(EmbeddingCacheGroup):
         return n + (self.hbm.index_bytes() if self.hbm is not None else 0)
 
     def close(self) -> None:
+        with self.lock:
+            self._next = None
+            if self._inflight is not None:
+                self._prefetched.synchronize()
+                self._inflight = None
         self.path.release()
 
     def table_stats(self, t: int) -> Dict[str, float]:

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Optional
+
 import torch
 
 from torchrec_hps.modules.cache.layout import HASH_MASK, HASH_MUL, HBM_WAYS, NO_ROW, RESERVED_SLOTS, mix64
@@ -71,9 +73,11 @@ class HBMLevel:
 
     # ---- admission (inside the lookup, on the device) ----
     def admit(self, cand: torch.Tensor, cand_count: torch.Tensor, victims: torch.Tensor, scalars: torch.Tensor,
-              host: HostRowLayout, entries: torch.Tensor, locs: torch.Tensor) -> None:
+              host: HostRowLayout, entries: torch.Tensor, locs: torch.Tensor,
+              copy_programs: Optional[int] = None) -> None:
         """Admit the candidates (their tail past cand_count holds CAND_PAD), then point `locs` (the lookup's
-        HBM rows) at what was admitted or staged."""
+        HBM rows) at what was admitted or staged. `copy_programs` bounds the copy kernel's grid (a prefetch
+        leaves the other SMs to the caller's dense layers running beside it)."""
         torch.sort(cand, out=(cand, self._sort_scratch(cand)))
         if triton is None or not cand.is_cuda:
             self._admit_torch(cand, int(cand_count[0]), victims, int(scalars[1]), host, stage=True)
@@ -85,9 +89,11 @@ class HBMLevel:
                                  self.n_sets, self.stage_count, self.capacity, self.n_staging, DIRECT=self.direct,
                                  W=HBM_WAYS, BLOCK_SIZE=BLOCK)
             n_tables = host.entry_base.numel()
-            _apply_kernel[(triton.cdiv(cand.numel(), COPY_BLOCK),)](cand, cand_count, scalars, victims, self.tags, self.ticks, self.hbm_of_host,
+            blocks = triton.cdiv(cand.numel(), COPY_BLOCK)
+            programs = min(blocks, copy_programs or blocks)
+            _apply_kernel[(programs,)](cand, cand_count, scalars, victims, self.tags, self.ticks, self.hbm_of_host,
                                 self.capacity, host.words, host.entry_base, host.word_offset, host.row_words, n_tables,
-                                self.row_words, self.row_words.shape[1],
+                                self.row_words, self.row_words.shape[1], ITERS=triton.cdiv(blocks, programs),
                                 SEARCH_STEPS=max(1, n_tables.bit_length() + 1),
                                 MAX_WORDS=triton.next_power_of_2(host.max_row_words), BLOCK_SIZE=COPY_BLOCK)
         relocate(entries, locs, self.hbm_of_host)
@@ -237,12 +243,24 @@ if triton is not None:
     @triton.jit
     def _apply_kernel(cand_ptr, cand_count_ptr, scalars_ptr, victims_ptr, tags_ptr, ticks_ptr, hbm_of_host_ptr,
                       capacity, host_words_ptr, entry_base_ptr, word_offset_ptr, row_words_ptr, n_tables, hbm_words_ptr,
-                      hbm_row_stride, SEARCH_STEPS: tl.constexpr, MAX_WORDS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-        c = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        valid = c < tl.load(cand_count_ptr)
-        if tl.max(valid.to(tl.int32), axis=0) == 0:
-            return
+                      hbm_row_stride, ITERS: tl.constexpr, SEARCH_STEPS: tl.constexpr, MAX_WORDS: tl.constexpr,
+                      BLOCK_SIZE: tl.constexpr):
+        count = tl.load(cand_count_ptr)
         tick = tl.load(scalars_ptr + 1).to(tl.int32)
+        # grid-stride over the candidate buffer (ITERS rounds cover it; a constant, so Triton's interpreter runs
+        # the loop too): a bounded grid (a prefetch's) walks every candidate; rounds past the count do nothing
+        for it in range(ITERS):
+            c = (it * tl.num_programs(0) + tl.program_id(0)) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+            if tl.max((c < count).to(tl.int32), axis=0) > 0:
+                _apply_block(c, count, tick, cand_ptr, victims_ptr, tags_ptr, ticks_ptr, hbm_of_host_ptr, capacity,
+                             host_words_ptr, entry_base_ptr, word_offset_ptr, row_words_ptr, n_tables, hbm_words_ptr,
+                             hbm_row_stride, SEARCH_STEPS, MAX_WORDS, BLOCK_SIZE)
+
+    @triton.jit
+    def _apply_block(c, count, tick, cand_ptr, victims_ptr, tags_ptr, ticks_ptr, hbm_of_host_ptr, capacity,
+                     host_words_ptr, entry_base_ptr, word_offset_ptr, row_words_ptr, n_tables, hbm_words_ptr,
+                     hbm_row_stride, SEARCH_STEPS: tl.constexpr, MAX_WORDS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+        valid = c < count
         e = tl.load(cand_ptr + c, mask=valid, other=0).to(tl.int64)
         row = tl.load(victims_ptr + c, mask=valid, other=-1).to(tl.int64)
         ok = valid & (row >= 0)

@@ -21,6 +21,12 @@ class EmbeddingCacheGroup(torch.nn.Module, abc.ABC):
         disagree with the ids, or ids out of range unless `allow_invalid` (they then get the default)."""
 
     @abc.abstractmethod
+    def prefetch(self, values: torch.Tensor, lengths: torch.Tensor,
+                 per_sample_weights: Optional[torch.Tensor] = None) -> None:
+        """Bring a coming lookup's rows into the cache ahead of it (its misses fetched, its rows admitted),
+        overlapped with the caller's work where the device allows; the lookup stays exact either way."""
+
+    @abc.abstractmethod
     def invalidate(self, t: int, keys: np.ndarray) -> None:
         """Drop `keys` of table t from the cache."""
 

@@ -38,6 +38,9 @@ MIN_BUCKET = 1024
 # Small batches run the TBE inside the graph too (its Python dispatch costs more than the kernel) and copy
 # the output out; large ones run it after the graph, writing a fresh tensor (a copy would double the writes).
 POOLED_IN_GRAPH_MAX_BYTES = 4 << 20
+# A prefetch's copy kernel runs beside the caller's dense layers: a bounded grid leaves them most SMs (the
+# copy is bound by PCIe latency: a few dozen programs keep enough reads in flight)
+PREFETCH_COPY_PROGRAMS = 32
 ZERO_COPY = True  # let the kernels use the pinned scalars and flags buffers in place (tests turn it off)
 
 __all__ = ["LookupPath", "Shape", "bucket_for"]
@@ -50,11 +53,13 @@ def bucket_for(n: int) -> int:
 class Shape:
     """Static buffers (and the graph, if any) for one (batch, bucket, weighted)."""
 
-    def __init__(self, group: "TBECacheGroup", batch: int, bucket: int, use_graph: bool, pooled_in_graph: bool) -> None:
+    def __init__(self, group: "TBECacheGroup", batch: int, bucket: int, use_graph: bool, pooled_in_graph: bool,
+                 prefetch: bool = False) -> None:
         dev = group.device
         cuda = dev.type == "cuda"
         F = group.n_features
         self.batch, self.bucket = batch, bucket
+        self.prefetch = prefetch
         self.values = torch.zeros(bucket, dtype=torch.int64, device=dev)
         self.lengths = torch.zeros(F * batch, dtype=torch.int64, device=dev)
         self.probe_out = ProbeOut(
@@ -114,7 +119,8 @@ class Shape:
             o.cand.fill_(CAND_PAD)
         probe(self.values, self.scalars, self.ends, g.probe_tables, o)
         if g.hbm is not None:
-            g.hbm.admit(o.cand, o.cand_count, self.victims, self.scalars, g.host_rows.layout, o.entries, o.locs)
+            g.hbm.admit(o.cand, o.cand_count, self.victims, self.scalars, g.host_rows.layout, o.entries, o.locs,
+                        copy_programs=PREFETCH_COPY_PROGRAMS if self.prefetch else None)
         commit_counts(o.flags, self.scalars, o.counts, g.totals, g.feature_table,
                       self.flags_host if self.zero_copy else None)
         if not self.zero_copy:
@@ -180,22 +186,29 @@ class LookupPath:
         """Drop the captured graphs (outside any capture, so their destruction is safe)."""
         self._shapes.clear()
 
-    def shape_for(self, batch: int, n: int, weighted: bool) -> Shape:
+    def shape_for(self, batch: int, n: int, weighted: bool, prefetch: bool = False) -> Shape:
+        """A prefetch has its own buffers (it runs while the previous lookup's TBE may still read that
+        lookup's) and no TBE in its graph."""
         g = self.group
-        key = (batch, bucket_for(n), weighted)
+        key = (batch, bucket_for(n), weighted, prefetch)
         shape = self._shapes.get(key)
         if shape is None:
-            small = not weighted and batch * g.tbe.total_D * 4 <= POOLED_IN_GRAPH_MAX_BYTES
-            shape = self._shapes[key] = Shape(g, batch, key[1], self.use_graphs, self.use_graphs and small)
+            small = not weighted and not prefetch and batch * g.tbe.total_D * 4 <= POOLED_IN_GRAPH_MAX_BYTES
+            shape = self._shapes[key] = Shape(g, batch, key[1], self.use_graphs, self.use_graphs and small, prefetch)
         return shape
 
     def run(self, values: torch.Tensor, lengths: torch.Tensor, weights: Optional[torch.Tensor], tick: int,
-            count: bool, allow_invalid: bool) -> Tuple[torch.Tensor, int, Shape]:
+            count: bool, allow_invalid: bool, rerun: bool = False, prefetch: bool = False, wait: bool = True
+            ) -> Tuple[Optional[torch.Tensor], int, Shape]:
         """(pooled output, flags, the shape's buffers). The output is exact where flags has no FLAG_MISS
-        (ids flagged invalid read the default row). Needs lengths.numel() == n_features * batch."""
+        (ids flagged invalid read the default row). Needs lengths.numel() == n_features * batch.
+        `rerun`: the run after the miss path (counted apart: `reruns`). `prefetch`: probe and admission only,
+        on the prefetch buffers, no output (None); with `wait=False` the host does not wait for the flags
+        (-1 is returned; read shape.flags_np once shape.event has completed)."""
         g = self.group
         n = values.numel()
-        shape = self.shape_for(lengths.numel() // g.n_features, n, weights is not None)
+        pooled = not prefetch
+        shape = self.shape_for(lengths.numel() // g.n_features, n, weights is not None, prefetch)
         shape.values[:n].copy_(values)
         shape.lengths.copy_(lengths)
         # lookups that the engine will redo (bad input) are not counted
@@ -209,13 +222,18 @@ class LookupPath:
             shape.event.record()
         out = None
         if not shape.pooled_in_graph:  # queued behind the graph
-            out = g.pooled_lookup(shape.slots[:n], shape.offsets, weights, shape.probe_out.locs[:n])
+            if pooled:
+                out = g.pooled_lookup(shape.slots[:n], shape.offsets, weights, shape.probe_out.locs[:n])
             shape.unstage(g)
+        if rerun:
+            self.reruns += 1
+        else:
+            self.runs += 1
+        if not wait:
+            return None, -1, shape
         if shape.event is not None:
             shape.event.synchronize()
         flags = int(shape.flags_np[0])
-        if count:
-            self.runs += 1
-        else:
-            self.reruns += 1
+        if not pooled:
+            return None, flags, shape
         return (shape.out.clone() if out is None else out), flags, shape
