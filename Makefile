@@ -9,7 +9,7 @@ FBGEMM := $(shell if nvidia-smi >/dev/null 2>&1; then echo fbgemm-gpu; else echo
 KAFKA_LIB := deploy/kafka/lib/.resolved
 PYTEST_ARGS ?=
 
-.PHONY: install demo test servers-up servers-down bench-storage tools
+.PHONY: install demo test servers-up servers-down bench-storage tools proto
 
 install: $(STAMP)
 
@@ -20,6 +20,8 @@ $(STAMP): constraints.txt setup.cfg pyproject.toml
 	$(VPY) -m pip install -q -c constraints.txt -e '.[test]'
 	# torchrec declares the CUDA fbgemm-gpu wheel as a dependency: its real deps are installed above.
 	$(VPY) -m pip install -q -c constraints.txt --no-deps torchrec
+	# the stock OIP test client: --no-deps for the reason in constraints.txt
+	$(VPY) -m pip install -q -c constraints.txt --no-deps tritonclient
 	$(VPY) -c "import torchrec_hps; torchrec_hps.check_environment(verbose=True)"
 	touch $(STAMP)
 
@@ -56,3 +58,11 @@ bench-storage: $(STAMP) tools
 	$(VPY) -m tests.servers up || exit 1; \
 	$(VPY) -m apps.bench_storage $(BENCH_ARGS); rc=$$?; \
 	[ "$$was_up" = yes ] || $(VPY) -m tests.servers down; exit $$rc
+
+# Regenerates the Open Inference Protocol gRPC modules from the .proto (needs grpcio-tools); their
+# descriptors go to a private pool so a process may also hold tritonclient (same package and names).
+PROTO := torchrec_hps/serving/oip/grpc_predict_v2.proto
+proto:
+	$(VPY) -m pip install -q -c constraints.txt grpcio-tools
+	$(VPY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. $(PROTO)
+	sed -i 's/^DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(/# A private pool (see the Makefile: make proto)\nDESCRIPTOR = _descriptor_pool.DescriptorPool().AddSerializedFile(/' $(PROTO:.proto=_pb2.py)

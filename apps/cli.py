@@ -79,6 +79,42 @@ def _load(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from torchrec_hps.serving.config import ServedModelConfig
+    from torchrec_hps.serving.node import run_server
+
+    cfg = _config(args)
+    model = cfg.serve
+    try:
+        if args.checkpoint or args.torchscript:
+            base = model or ServedModelConfig(name=cfg.hps.model)
+            model = replace(base, source="torchscript" if args.torchscript else "torchrec",
+                            path=args.torchscript or args.checkpoint)
+        if model is not None and args.version:
+            model = replace(model, version=args.version)
+        sched = cfg.server.scheduler
+        for name in ("cpu_workers", "gpu_workers", "batch_size", "offload_threshold", "p99_target_ms"):
+            if getattr(args, name) is not None:
+                setattr(sched, name, getattr(args, name))
+        if args.tune:
+            sched.tune = True
+        sched.__post_init__()
+        for name in ("http_port", "grpc_port", "host"):
+            if getattr(args, name) is not None:
+                setattr(cfg.server, name, getattr(args, name))
+        return run_server(cfg, model, bulk_load=not args.no_bulk_load, stop_file=args.stop_file)
+    except ValueError as e:
+        raise CLIError(str(e), "see README.md, section Serving") from None
+
+
+def _loadgen(args: argparse.Namespace) -> int:
+    from torchrec_hps.serving.loadgen import main as loadgen_main
+
+    return loadgen_main(args.rest)
+
+
 def _stats(args: argparse.Namespace) -> int:
     from torchrec_hps.metrics import scrape
 
@@ -130,6 +166,37 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--restart", action="store_true", help="ignore the progress of an earlier, stopped load")
     load.add_argument("--quiet", action="store_true", help="no progress bar")
     load.set_defaults(func=_load)
+    serve = sub.add_parser("serve", help="serve ranking requests (Open Inference Protocol, HTTP and gRPC)",
+                           formatter_class=fmt,
+                           description="Load the config's model onto its tiers and serve it: KServe v2 / Open "
+                                       "Inference Protocol over HTTP and gRPC, the DeepRecSys scheduler, one GPU "
+                                       "worker per GPU and CPU workers; SIGTERM drains and stops.",
+                           epilog="examples:\n  torchrec-hps serve --config hps.yaml\n"
+                                  "  torchrec-hps serve --config hps.yaml --checkpoint dlrm.pt --tune --p99-target-ms 20\n"
+                                  "  torchrec-hps serve --config hps.yaml --torchscript model.pt --gpu-workers 0")
+    serve.add_argument("--config", required=True, help="our YAML/JSON config (tables, tiers, server, serve)")
+    serve.add_argument("--model", help="which model of a ps.json")
+    serve.add_argument("--checkpoint", help="a TorchRec DLRM checkpoint (the config's `serve` arch sizes)")
+    serve.add_argument("--torchscript", help="an artifact saved by torchrec_hps.serving.save_served_model")
+    serve.add_argument("--version", type=_POSITIVE)
+    serve.add_argument("--no-bulk-load", action="store_true", help="the tiers already hold this version's rows")
+    serve.add_argument("--host")
+    serve.add_argument("--http-port", type=_COUNT)
+    serve.add_argument("--grpc-port", type=_COUNT)
+    serve.add_argument("--cpu-workers", type=_COUNT)
+    serve.add_argument("--gpu-workers", type=_COUNT, help="default: one per visible GPU")
+    serve.add_argument("--batch-size", type=_POSITIVE)
+    serve.add_argument("--offload-threshold", type=_POSITIVE)
+    serve.add_argument("--tune", action="store_true", help="hill-climb batch size and offload threshold online")
+    serve.add_argument("--p99-target-ms", type=float)
+    serve.add_argument("--stop-file", help="drain and exit once this file exists")
+    serve.set_defaults(func=_serve)
+    loadgen = sub.add_parser("loadgen", help="open-loop Poisson load against a serving node (gRPC)",
+                             formatter_class=fmt, add_help=False,
+                             epilog="example:\n  torchrec-hps loadgen -- --model ctr --id-bounds 1000000,x26 "
+                                    "--qps 500 --p99-target-ms 20")
+    loadgen.add_argument("rest", nargs=argparse.REMAINDER, help="loadgen arguments (after --; -- --help lists them)")
+    loadgen.set_defaults(func=_loadgen)
     stats = sub.add_parser("stats", help="print a running node's per-table, per-tier stats", formatter_class=fmt,
                            epilog="example:\n  torchrec-hps stats --url http://node7:9400/metrics")
     stats.add_argument("--url", required=True, help="the node's Prometheus /metrics address")

@@ -6,7 +6,7 @@ import json
 import numpy as np
 
 from apps import bench_storage
-from torchrec_hps.bench.workload import ZipfKeys
+from torchrec_hps.workload import ZipfKeys
 
 
 def test_zipf_keys_are_skewed_and_scattered():

@@ -13,6 +13,11 @@ Our layout (YAML or JSON):
     kafka: {bootstrap_servers: "broker:9092"}
     tables:
       - {name: t0, num_embeddings: 1000000, embedding_dim: 128, feature_names: [f0], pooling: SUM}
+    server: {http_port: 8000, grpc_port: 8001, scheduler: {cpu_workers: 2, tune: true, p99_target_ms: 20}}
+    serve: {version: 1, source: torchrec, path: dlrm.pt, dense_in_features: 13,
+            dense_arch_layer_sizes: [512, 256, 128], over_arch_layer_sizes: [1024, 1024, 512, 256, 1]}
+
+`server` and `serve` (the served model; its name is `model`) are read by `torchrec-hps serve` only.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from torchrec_hps.config import (CacheConfig, HPSConfig, KafkaConfig, MemoryTierConfig, RedisTierConfig,
                                  RocksDBTierConfig, StorageConfig, _build, hps_config_from_dict)
+from torchrec_hps.serving.config import SchedulerConfig, ServedModelConfig, ServerConfig
 
 
 @dataclass
@@ -30,6 +36,8 @@ class ServingConfig:
     hps: HPSConfig
     kafka: Optional[KafkaConfig] = None
     tables: List[Any] = field(default_factory=list)  # torchrec EmbeddingBagConfigs (may be empty)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    serve: Optional[ServedModelConfig] = None
     report: List[str] = field(default_factory=list)  # keys that were not used, with why
 
 
@@ -82,7 +90,17 @@ def load_config(path: Union[str, Path], model: Optional[str] = None) -> ServingC
     data = dict(data)
     kafka = _build(KafkaConfig, data.pop("kafka", None), "kafka")
     tables = _tables(data.pop("tables", None), "tables")
-    return ServingConfig(hps=hps_config_from_dict(data), kafka=kafka, tables=tables)
+    server_data = dict(data.pop("server", None) or {})
+    scheduler = _build(SchedulerConfig, server_data.pop("scheduler", None), "server.scheduler") or SchedulerConfig()
+    server = _build(ServerConfig, {**server_data, "scheduler": scheduler}, "server")
+    serve_data = data.pop("serve", None)
+    hps = hps_config_from_dict(data)
+    serve = None
+    if serve_data is not None:
+        if not isinstance(serve_data, dict) or "name" in serve_data:
+            raise ValueError("serve: expected a mapping without `name` (the served model is `model`)")
+        serve = _build(ServedModelConfig, {"name": hps.model, **serve_data}, "serve")
+    return ServingConfig(hps=hps, kafka=kafka, tables=tables, server=server, serve=serve)
 
 
 # ---- HugeCTR HPS ps.json ----

@@ -23,7 +23,7 @@ CRITEO_ROWS = [39884406, 39043, 17289, 7420, 20263, 3, 7120, 1543, 63, 38532951,
 
 def _train(model, samplers, features, steps: int, batch_size: int, bridge=None) -> float:
     """SGD on a synthetic click label; returns the last loss."""
-    from torchrec_hps.bench.workload import zipf_kjt
+    from torchrec_hps.workload import zipf_kjt
 
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -50,7 +50,7 @@ def run_demo(batches: int = 40, batch_size: int = 512, max_rows: int = 200_000, 
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
     from torchrec.models.dlrm import DLRM
 
-    from torchrec_hps.bench.workload import ZipfKeys, zipf_kjt
+    from torchrec_hps.workload import ZipfKeys, zipf_kjt
     from torchrec_hps.config import CacheConfig, HPSConfig, MemoryTierConfig, RocksDBTierConfig, StorageConfig
     from torchrec_hps.modules.swap import swap_in_hps
 

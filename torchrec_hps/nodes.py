@@ -8,7 +8,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from torchrec_hps.bench.workload import ZipfKeys, zipf_kjt
+from torchrec_hps.workload import ZipfKeys, zipf_kjt
 from torchrec_hps.config_file import ServingConfig
 
 

@@ -17,7 +17,7 @@ def run_module_bench(num_tables: int = 4, rows: int = 100_000, dim: int = 64,
                      device: str = "cpu", log: Callable[[str], None] = print) -> List[Dict]:
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 
-    from torchrec_hps.bench.workload import ZipfKeys, zipf_kjt
+    from torchrec_hps.workload import ZipfKeys, zipf_kjt
     from torchrec_hps.config import CacheConfig, HPSConfig, MemoryTierConfig, RocksDBTierConfig, StorageConfig
     from torchrec_hps.modules import HPSEmbeddingBagCollection
     from torchrec_hps.storage import StorageHierarchy, bulk_load

@@ -14,7 +14,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import torch
 
-from torchrec_hps.bench.workload import ZipfKeys
+from torchrec_hps.workload import ZipfKeys
 from torchrec_hps.config import MemoryTierConfig, RedisTierConfig, RocksDBTierConfig, TableSpec
 from torchrec_hps.storage import MemoryTier, RedisTier, RocksDBTier, StorageTier
 

@@ -99,6 +99,23 @@ class StorageHierarchy:
                 self._served[spec.key] = np.zeros(len(self.tiers), dtype=np.int64)
                 self._stats[spec.key] = HierarchyStats()
 
+    def remove_tables(self, namespace: str) -> List[str]:
+        """Remove every table of `namespace` from every tier and from the hierarchy (a model version's
+        unload); returns the tables removed. Callers stop reading them first."""
+        removed = [key for key, spec in self._specs.items() if spec.model == namespace]
+        for key in removed:
+            with self._locks[key]:
+                for tier in self.tiers:
+                    if key in tier.tables():
+                        tier.remove_table(key)
+                for pending in self._pending:
+                    pending.pop(key, None)
+            for d in (self._specs, self._generation, self._served, self._locks):
+                d.pop(key, None)
+            with self._stats_lock:
+                self._stats.pop(key, None)
+        return removed
+
     def spec(self, table: str) -> TableSpec:
         try:
             return self._specs[table]

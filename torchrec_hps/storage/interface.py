@@ -207,6 +207,17 @@ class StorageTier(abc.ABC):
         """Remove every row of `table` from this tier (the table stays registered)."""
         raise NotImplementedError(f"{self.name}: drop_table")
 
+    def remove_table(self, table: str) -> None:
+        """Remove `table`'s rows and unregister it (a model version's unload frees its namespace)."""
+        spec = self.spec(table)
+        self._remove_table(spec)
+        self._specs.pop(spec.key, None)
+        with self._stats_lock:
+            self._stats.pop(spec.key, None)
+
+    def _remove_table(self, spec: TableSpec) -> None:
+        self.drop_table(spec.key)  # tiers whose tables hold no other state need no more than the rows gone
+
     def stats(self) -> Dict[str, Dict[str, float]]:
         with self._stats_lock:
             return {t: s.as_dict() for t, s in self._stats.items()}

@@ -174,6 +174,11 @@ class MemoryTier(StorageTier):
     def _num_rows(self, spec: TableSpec) -> int:
         return sum(p.used for p in self._tables[spec.key].parts)
 
+    def _remove_table(self, spec: TableSpec) -> None:
+        t = self._tables[spec.key]
+        with t.all_locks():
+            del self._tables[spec.key]
+
     def drop_table(self, table: str) -> None:
         spec = self.spec(table)
         t = self._tables[spec.key]

@@ -134,11 +134,20 @@ class RocksDBTier(StorageTier):
     def drop_table(self, table: str) -> None:
         """Remove every row of `table` (drops and recreates its column family)."""
         spec = self.spec(table)
+        self._remove_table(spec)
+        self._create_table(spec)
+
+    def _remove_table(self, spec: TableSpec) -> None:
         with self._cf_lock:
             self._cfs.pop(spec.key).close()
             self._handles.pop(spec.key)
             self._db.drop_column_family(spec.key)
-        self._create_table(spec)
+
+    def column_families(self) -> List[str]:
+        """The column families in the database (one per registered table, plus RocksDB's default)."""
+        from rocksdict import Rdict
+
+        return list(Rdict.list_cf(self.config.path))
 
     def flush(self) -> None:
         self._db.flush()

@@ -27,8 +27,9 @@ logger = logging.getLogger(__name__)
 class UpdateConsumer:
     def __init__(self, config: KafkaConfig, model: str, storage: StorageHierarchy, tables: Sequence[str],
                  modules: Sequence = (), group_id: Optional[str] = None,
-                 start_offsets: Optional[Dict[Tuple[str, int], int]] = None) -> None:
-        """`start_offsets` ({(topic, partition): offset}, from `snapshot_offsets` at bulk-load time) is where
+                 start_offsets: Optional[Dict[Tuple[str, int], int]] = None, namespace: Optional[str] = None) -> None:
+        """Topics are the model's (`config.topic(model, table)`); rows land under `namespace` in the tiers
+        (default: the model's name; a served model version has its own). `start_offsets` ({(topic, partition): offset}, from `snapshot_offsets` at bulk-load time) is where
         a group with no committed offsets starts, so a node restored from a snapshot misses nothing
         published after it."""
         from confluent_kafka import Consumer
@@ -37,11 +38,12 @@ class UpdateConsumer:
 
         self.config = config
         self.model = model
+        self.namespace = namespace or model
         self.storage = storage
         self.modules = list(modules)
         self._table_of_topic = {config.topic(model, t): t for t in tables}
-        self._dims = {t: storage.spec(f"{model}.{t}").dim for t in tables}
-        self._rows = {t: storage.spec(f"{model}.{t}").num_rows for t in tables}
+        self._dims = {t: storage.spec(f"{self.namespace}.{t}").dim for t in tables}
+        self._rows = {t: storage.spec(f"{self.namespace}.{t}").num_rows for t in tables}
         ensure_topics(config, list(self._table_of_topic))
         group = group_id or config.group_id or f"hps-{model}"
         self._consumer = Consumer({
@@ -139,7 +141,7 @@ class UpdateConsumer:
             rows = torch.cat([p[1] for p in parts])
             if len(ids) == 0:
                 continue
-            self.storage.put(f"{self.model}.{table}", ids, rows)  # repeated ids: the last (newest) row wins
+            self.storage.put(f"{self.namespace}.{table}", ids, rows)  # repeated ids: the last (newest) row wins
             for module in self.modules:
                 if table in {c.name for c in module.embedding_bag_configs()}:
                     module.update(table, ids, rows)
