@@ -90,8 +90,7 @@ def _overhead(n: int = 400) -> Dict[str, float]:
     repo = ModelRepository(storage, HPSConfig(model="empty"), devices=["cpu"])
     served = ServedVersion(config=ServedModelConfig(name="empty"), replicas={"cpu": Empty()},
                            signature=ModelSignature(features=("f",), id_bounds=(10,), dense_in_features=1))
-    repo._versions["empty"] = {"1": served}  # a model with no tables: nothing to load
-    repo._current["empty"] = served
+    repo.add(served)  # a model with no tables: nothing to load
     server = InferenceServer(ServerConfig(http_port=0, grpc_port=0, scheduler=SchedulerConfig(
         cpu_workers=1, gpu_workers=0)), repo).start()
     try:

@@ -179,10 +179,14 @@ class ModelRepository:
                                              group_id=f"hps-{config.namespace}-{id(served):x}").start()
         if hot_ids is not None:
             served.prefill(hot_ids())
+        return self.add(served, make_current)
+
+    def add(self, served: ServedVersion, make_current: bool = True) -> ServedVersion:
+        """Serve a version built elsewhere (load() builds them; a benchmark's empty model has no tables)."""
         with self._lock:
-            self._versions.setdefault(config.name, {})[served.version] = served
+            self._versions.setdefault(served.name, {})[served.version] = served
             if make_current:
-                self._current[config.name] = served
+                self._current[served.name] = served
         return served
 
     def switch(self, name: str, version: str) -> ServedVersion:
