@@ -88,10 +88,13 @@ def _serve(args: argparse.Namespace) -> int:
     cfg = _config(args)
     model = cfg.serve
     try:
-        if args.checkpoint or args.torchscript:
+        given = [(src, path) for src, path in (("torchrec", args.checkpoint), ("module", args.saved_model),
+                                               ("torchscript", args.torchscript)) if path]
+        if len(given) > 1:
+            raise CLIError("give one of --checkpoint, --saved-model, --torchscript")
+        if given:
             base = model or ServedModelConfig(name=cfg.hps.model)
-            model = replace(base, source="torchscript" if args.torchscript else "torchrec",
-                            path=args.torchscript or args.checkpoint)
+            model = replace(base, source=given[0][0], path=given[0][1])
         if model is not None and args.version:
             model = replace(model, version=args.version)
         sched = cfg.server.scheduler
@@ -177,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", required=True, help="our YAML/JSON config (tables, tiers, server, serve)")
     serve.add_argument("--model", help="which model of a ps.json")
     serve.add_argument("--checkpoint", help="a TorchRec DLRM checkpoint (the config's `serve` arch sizes)")
+    serve.add_argument("--saved-model", help="a whole model saved with torch.save (e.g. after TorchRec's "
+                                            "quantize_inference_model); a pickle: trusted paths only")
     serve.add_argument("--torchscript", help="an artifact saved by torchrec_hps.serving.save_served_model")
     serve.add_argument("--version", type=_POSITIVE)
     serve.add_argument("--no-bulk-load", action="store_true", help="the tiers already hold this version's rows")

@@ -175,3 +175,42 @@ def test_metrics_and_health_endpoints(served):
     assert f'hps_server_model_loaded{{current="true",model="{name}",version="1"}} 1.0' in text
     assert "hps_server_queries_total" in text and "hps_cache_hit_rate" in text
     assert httpx.get(f"http://{served.http_url}/v2/health/live").json() == {"live": True}
+
+
+def test_a_saved_quantized_model_is_served(tmp_path, namespace):
+    """source 'module': a whole model saved with torch.save, here one passed through TorchRec's
+    quantize_inference_model (FP16 tables), swapped onto the tiers at load; scores equal its own forward."""
+    import copy
+
+    import tritonclient.http as httpclient
+    from torchrec.inference.modules import quantize_inference_model
+
+    from tests.serving.conftest import DENSE, make_dlrm
+    from torchrec_hps.config import CacheConfig, HPSConfig, MemoryTierConfig, StorageConfig
+    from torchrec_hps.serving import InferenceServer, ModelRepository, SchedulerConfig, ServedModelConfig, ServerConfig
+    from torchrec_hps.storage import StorageHierarchy
+
+    quantized = quantize_inference_model(copy.deepcopy(make_dlrm(seed=8)), quantization_dtype=torch.half)
+    torch.save(quantized, tmp_path / "quantized.pt")
+    storage_cfg = StorageConfig(memory=MemoryTierConfig(capacity=2000))
+    storage = StorageHierarchy.from_config(storage_cfg)
+    repo = ModelRepository(storage, HPSConfig(model=namespace, cache=CacheConfig(
+        cache_ratio=0.1, min_cache_rows=1, hit_rate_threshold=1.0), storage=storage_cfg), devices=["cpu"])
+    served = repo.load(ServedModelConfig(name=namespace, source="module", path=str(tmp_path / "quantized.pt"),
+                                         dense_in_features=DENSE))
+    assert served.signature.features == ("f0", "f1", "f2") and served.signature.id_bounds == (1000, 50, 300)
+    server = InferenceServer(ServerConfig(http_port=0, grpc_port=None, scheduler=SchedulerConfig(cpu_workers=1)),
+                             repo).start()
+    try:
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+        gen = np.random.default_rng(11)
+        for n in (1, 20):
+            q = random_query(n, gen)
+            np.testing.assert_allclose(client.infer(namespace, http_inputs(q)).as_numpy("scores"),
+                                       expected_scores(quantized, q), rtol=1e-4, atol=1e-5)
+        with pytest.raises(ValueError, match="not a saved nn.Module"):
+            torch.save(quantized.state_dict(), tmp_path / "state.pt")
+            repo.load(ServedModelConfig(name="other", source="module", path=str(tmp_path / "state.pt")))
+    finally:
+        server.stop()
+        storage.close()

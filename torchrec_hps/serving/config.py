@@ -7,7 +7,7 @@ from typing import List, Optional
 
 from torchrec_hps.config import _check_choice, _check_range, _check_types
 
-MODEL_SOURCES = ("torchrec", "torchscript")
+MODEL_SOURCES = ("torchrec", "module", "torchscript")
 
 
 @dataclass
@@ -63,8 +63,11 @@ class ServerConfig:
 @dataclass
 class ServedModelConfig:
     """A model the server loads. `torchrec`: torchrec's DLRM over the config's tables (dense arch sizes below),
-    weights from `path` (a TorchRec checkpoint) when given, swapped onto the tiers at load. `torchscript`: an
-    artifact written by `torchrec_hps.serving.save_served_model` (a swapped model, scripted, with its signature)."""
+    weights from `path` (a TorchRec checkpoint) when given, swapped onto the tiers at load. `module`: a whole
+    model saved with torch.save (any model holding TorchRec EBCs, also one passed through
+    `quantize_inference_model`), swapped onto the tiers at load; `dense_in_features` is its dense width.
+    `torchscript`: an artifact written by `torchrec_hps.serving.save_served_model` (a swapped model, scripted,
+    with its signature)."""
 
     name: str
     version: int = 1
@@ -78,8 +81,8 @@ class ServedModelConfig:
         _check_types(self, "model")
         _check_choice("model", "source", self.source, MODEL_SOURCES)
         _check_range("model", "version", self.version, 1, 1 << 62)
-        if self.source == "torchscript" and not self.path:
-            raise ValueError(f"model {self.name!r}: source 'torchscript' needs `path` (the artifact)")
+        if self.source in ("torchscript", "module") and not self.path:
+            raise ValueError(f"model {self.name!r}: source {self.source!r} needs `path` (the saved model)")
         if not self.name or any(c in self.name for c in " ./{}"):
             raise ValueError(f"model.name={self.name!r}: non-empty, no spaces, dots, slashes or braces")
 

@@ -170,7 +170,7 @@ class ModelRepository:
         if config.source == "torchscript":
             served = self._load_torchscript(config)
         else:
-            served = self._load_torchrec(config, tables, bulk_load)
+            served = self._load_swapped(config, tables, bulk_load)
         if self.kafka is not None and served.tables:
             from torchrec_hps.train_bridge import UpdateConsumer
 
@@ -235,8 +235,25 @@ class ModelRepository:
             module.close()
 
     # ---- builders ----
-    def _load_torchrec(self, config: ServedModelConfig, tables: Sequence[EmbeddingBagConfig],
-                       bulk_load: bool) -> ServedVersion:
+    def _load_swapped(self, config: ServedModelConfig, tables: Sequence[EmbeddingBagConfig],
+                      bulk_load: bool) -> ServedVersion:
+        """A replica per device, each swapped onto the shared tiers (the first one bulk-loads)."""
+        build = self._module_builder(config) if config.source == "module" else self._dlrm_builder(config, tables)
+        hps = HPSConfig(model=config.namespace, cache=self.hps.cache, storage=self.hps.storage)
+        replicas: Dict[str, torch.nn.Module] = {}
+        modules: List[HPSEmbeddingBagCollection] = []
+        for i, device in enumerate(self.devices):
+            replica = build()
+            swap_in_hps(replica, hps, storage=self.storage, load=bulk_load and i == 0, device=torch.device(device))
+            replica.to(device).eval()
+            replicas[device] = replica
+            modules += [m for m in replica.modules() if isinstance(m, HPSEmbeddingBagCollection)]
+        served_tables = [c for m in modules[:len(modules) // len(self.devices)] for c in m.embedding_bag_configs()]
+        return ServedVersion(config=config, signature=signature_of(served_tables, config.dense_in_features),
+                             replicas=replicas, hps_modules=modules, tables=[t.name for t in served_tables])
+
+    @staticmethod
+    def _dlrm_builder(config: ServedModelConfig, tables: Sequence[EmbeddingBagConfig]):
         from torchrec_hps.loader import read_checkpoint
 
         if not tables:
@@ -250,19 +267,28 @@ class ModelRepository:
                 raise ValueError(f"model {config.name!r}: checkpoint {config.path} does not fit the DLRM built from "
                                  f"the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
         dense_state = {k: v for k, v in model.state_dict().items() if "embedding_bags" not in k}
-        hps = HPSConfig(model=config.namespace, cache=self.hps.cache, storage=self.hps.storage)
-        replicas: Dict[str, torch.nn.Module] = {}
-        modules: List[HPSEmbeddingBagCollection] = []
-        for i, device in enumerate(self.devices):
-            replica = model if i == 0 else _dlrm(config, tables)
-            replica.load_state_dict(dense_state, strict=False)
-            swap_in_hps(replica, hps, storage=self.storage, load=bulk_load and i == 0, device=torch.device(device))
-            replica.to(device).eval()
-            replicas[device] = replica
-            modules += [m for m in replica.modules() if isinstance(m, HPSEmbeddingBagCollection)]
-        return ServedVersion(config=config, signature=signature_of(tables, config.dense_in_features),
-                             replicas=replicas, hps_modules=modules,
-                             tables=[t.name for t in tables])
+        first = [model]
+
+        def build() -> torch.nn.Module:  # the checkpointed model, then its dense parts again for other devices
+            if first:
+                return first.pop()
+            replica = _dlrm(config, tables)
+            replica.load_state_dict(dense_state, strict=False)  # the tables come from the tiers
+            return replica
+        return build
+
+    @staticmethod
+    def _module_builder(config: ServedModelConfig):
+        def build() -> torch.nn.Module:
+            try:
+                model = torch.load(config.path, map_location="cpu", weights_only=False)
+            except (OSError, RuntimeError, ValueError) as e:
+                raise ValueError(f"model {config.name!r}: cannot load {config.path}: {e}") from None
+            if not isinstance(model, torch.nn.Module):
+                raise ValueError(f"model {config.name!r}: {config.path} holds a {type(model).__name__}, not a "
+                                 "saved nn.Module (source 'module'); a state dict goes with source 'torchrec'")
+            return model.eval()
+        return build
 
     def _load_torchscript(self, config: ServedModelConfig) -> ServedVersion:
         extra = {SIGNATURE_FILE: ""}
