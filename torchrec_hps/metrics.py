@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Iterable, List, Sequence
 
+from torchrec_hps.warnings_log import all_counts
+
 
 
 class HPSCollector:
@@ -59,6 +61,25 @@ class HPSCollector:
                     tier["tier_rows_written"].add_metric(labels, ts["rows_written"])
                     tier["tier_get_seconds"].add_metric(labels, ts["get_seconds"])
         yield from tier.values()
+
+        # degraded states as gauges: servers of a tier skipped as failed, keys a tier must not serve yet
+        down = GaugeMetricFamily("hps_tier_nodes_down", "servers of the tier skipped as failed", labels=["tier"])
+        pending = GaugeMetricFamily("hps_pending_invalidations", "keys the tier must not serve until a write "
+                                    "lands (it failed during an update)", labels=["model", "table", "tier"])
+        for h in self.hierarchies:
+            for t in h.tiers:
+                down.add_metric([t.name], t.nodes_down())
+            for qualified in h.stats():
+                model, table = qualified.split(".", 1)
+                for name, n in h.pending_invalidations(qualified).items():
+                    pending.add_metric([model, table, name], n)
+        yield down
+        yield pending
+        warned = counter("warnings", "warnings raised (logged at most once per cause per interval)",
+                         ["where", "subject"])
+        for key, n in sorted(all_counts().items()):
+            warned.add_metric([key[0], "/".join(key[1:])], n)
+        yield warned
 
         applied = counter("update_applied_rows", "rows applied from Kafka", ["model"])
         rejected = counter("update_rejected_messages", "malformed update messages skipped", ["model"])

@@ -188,3 +188,60 @@ def test_bottom_tier_failure_raises_and_leaves_upper_tiers_untouched(servers, ti
         assert mem.get(spec.key, torch.arange(5))[0].eq(0).all()
     finally:
         servers.redis.start(fresh=False)
+
+
+@pytest.mark.slow
+def test_an_outage_logs_once_per_cause_and_interval_and_shows_as_gauges(servers, tier_factory, spec, caplog):
+    """Redis killed under 200 gets of new keys: every get falls through to RocksDB and every promotion write
+    to Redis fails; the warnings come once per (tier, table, cause) per interval, with how many were held
+    back, each failure is still counted, and the metrics show the node down and the pending invalidations."""
+    import logging
+
+    from prometheus_client import generate_latest
+
+    from torchrec_hps.metrics import make_registry
+    from torchrec_hps.storage import hierarchy as hierarchy_module
+
+    red, rocks = tier_factory("redis"), tier_factory("rocksdb")
+    h = StorageHierarchy([red, rocks])
+    h.add_tables([spec])
+    rocks.put(spec.key, torch.arange(10_000), torch.ones(10_000, spec.dim))
+    put_key = ("hierarchy.put", "redis", spec.key)
+
+    def failed_puts() -> int:
+        return sum(n for k, n in hierarchy_module._warnings.counts().items() if k[:3] == put_key)
+
+    before = failed_puts()
+    servers.redis.kill()
+    try:
+        with caplog.at_level(logging.WARNING, logger="torchrec_hps.storage"):
+            for i in range(200):
+                res = h.get(spec.key, torch.arange(i * 50, i * 50 + 50))
+                assert res.found.all() and res.rows.eq(1).all()  # served by RocksDB
+            text = generate_latest(make_registry(hierarchies=[h])).decode()
+        lines = [r.getMessage() for r in caplog.records if r.name.startswith("torchrec_hps.storage")]
+        assert len(lines) <= 8, lines  # 200 failed promotions, a handful of lines
+        assert failed_puts() - before == 200
+        assert 'hps_tier_nodes_down{tier="redis"} 1.0' in text
+        assert f'hps_pending_invalidations{{model="{spec.model}",table="{spec.name}",tier="redis"}} 10000.0' in text
+        assert f'hps_warnings_total{{subject="redis/{spec.key}/' in text
+    finally:
+        servers.redis.start(fresh=False)
+    h.close()
+
+
+def test_rate_limited_warnings_say_how_many_were_held_back(caplog):
+    import logging
+
+    from torchrec_hps.warnings_log import RateLimitedWarnings
+
+    now = [0.0]
+    limiter = RateLimitedWarnings(logging.getLogger("torchrec_hps.test"), interval_s=10.0, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="torchrec_hps.test"):
+        for i in range(30):
+            now[0] = i * 0.5  # 15 s of one failure every 0.5 s, and one other cause once
+            limiter.warn(("a", "x"), "tier %s failed", "x")
+        limiter.warn(("a", "y"), "tier %s failed", "y")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["tier x failed", "tier x failed (19 more like this in the last 10 s)", "tier y failed"]
+    assert limiter.counts() == {("a", "x"): 30, ("a", "y"): 1}

@@ -22,8 +22,10 @@ import torch
 from torchrec_hps.config import StorageConfig, TableSpec
 from torchrec_hps.storage.interface import (StorageTier, TierError, TierWriteError, as_key_array, as_row_array,
                                             last_occurrence)
+from torchrec_hps.warnings_log import limited
 
 logger = logging.getLogger(__name__)
+_warnings = limited(logger)
 
 MISSING = -1
 
@@ -143,7 +145,8 @@ class StorageHierarchy:
                 tier_rows, tier_found = tier.get(table, torch.from_numpy(k[ask]), checked=True)
             except TierError as e:  # a whole tier unreachable: fall through
                 errors += 1
-                logger.warning("tier %s failed on get(%s): %s; falling through", tier.name, table, e)
+                _warnings.warn(("hierarchy.get", tier.name, table, type(e.__cause__ or e).__name__),
+                               "tier %s failed on get(%s): %s; falling through", tier.name, table, e)
                 continue
             f = tier_found.numpy()
             hit = ask[f]
@@ -248,7 +251,8 @@ class StorageHierarchy:
         except TierWriteError as e:
             with self._stats_lock:
                 self._stats[table].write_errors += len(e.keys)
-            logger.warning("%s; invalidating those keys there", e)
+            _warnings.warn(("hierarchy.put", tier.name, table, type(e.__cause__ or e).__name__),
+                           "%s; invalidating those keys there", e)
             try:
                 tier.delete(table, torch.from_numpy(e.keys))
             except TierWriteError as e2:
@@ -262,7 +266,8 @@ class StorageHierarchy:
     def _add_pending(self, i: int, table: str, keys: np.ndarray) -> None:
         old = self._pending[i].get(table)
         self._pending[i][table] = np.union1d(old, keys) if old is not None else np.unique(keys)
-        logger.warning("tier %s: %d keys of %s pending invalidation", self.tiers[i].name,
+        _warnings.warn(("hierarchy.pending", self.tiers[i].name, table),
+                       "tier %s: %d keys of %s pending invalidation", self.tiers[i].name,
                        len(self._pending[i][table]), table)
 
     def _clear_pending(self, i: int, table: str, written: np.ndarray) -> None:

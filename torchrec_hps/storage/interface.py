@@ -207,6 +207,10 @@ class StorageTier(abc.ABC):
         """Remove every row of `table` from this tier (the table stays registered)."""
         raise NotImplementedError(f"{self.name}: drop_table")
 
+    def nodes_down(self) -> int:
+        """Servers of this tier currently skipped as failed (0 for in-process tiers)."""
+        return 0
+
     def remove_table(self, table: str) -> None:
         """Remove `table`'s rows and unregister it (a model version's unload frees its namespace)."""
         spec = self.spec(table)

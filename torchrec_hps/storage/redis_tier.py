@@ -26,8 +26,10 @@ import numpy as np
 
 from torchrec_hps.config import KEY_PREFIX, RedisTierConfig, TableSpec
 from torchrec_hps.storage.interface import StorageTier, TierError, TierWriteError, group_by_partition
+from torchrec_hps.warnings_log import limited
 
 logger = logging.getLogger(__name__)
+_warnings = limited(logger)
 
 _NUM_SLOTS = 16384
 
@@ -213,9 +215,14 @@ class RedisTier(StorageTier):
         finally:
             pool.release(conn)
 
+    def nodes_down(self) -> int:
+        now = time.monotonic()
+        return sum(1 for node in self._nodes.values() if node.down_until > now)
+
     def _node_failed(self, node: _Node, error: Exception, n: int) -> list:
         node.down_until = time.monotonic() + self.config.retry_interval
-        logger.warning("redis node %s failed (%s); skipping it for %.1fs", node.addr, error, self.config.retry_interval)
+        _warnings.warn(("redis.node", node.addr, type(error).__name__), "redis node %s failed (%s); skipping it for %.1fs",
+                       node.addr, error, self.config.retry_interval)
         return [error] * n
 
     def _execute(self, calls: List[_Call], retry_moved: bool = True) -> list:

@@ -20,8 +20,10 @@ import torch
 from torchrec_hps.config import KafkaConfig
 from torchrec_hps.storage.hierarchy import StorageHierarchy
 from torchrec_hps.train_bridge.wire import WireFormatError, decode
+from torchrec_hps.warnings_log import limited
 
 logger = logging.getLogger(__name__)
+_warnings = limited(logger)
 
 
 class UpdateConsumer:
@@ -84,7 +86,7 @@ class UpdateConsumer:
         rejected: List[Tuple[str, int, int, str]] = []
         for msg in msgs:
             if msg.error() is not None:
-                logger.warning("kafka: %s", msg.error())
+                _warnings.warn(("consumer.kafka", self.model, str(msg.error().code())), "kafka: %s", msg.error())
                 continue
             tp = (msg.topic(), msg.partition())
             first_offset.setdefault(tp, msg.offset())
@@ -103,7 +105,8 @@ class UpdateConsumer:
             rows = self._apply(per_table)
         except Exception as e:  # a tier is down: rewind, commit nothing, try again later
             self.stats["apply_failures"] += 1
-            logger.warning("applying %d update messages failed (%s); retrying in %.1fs", applied, e,
+            _warnings.warn(("consumer.apply", self.model, type(e).__name__),
+                           "applying %d update messages failed (%s); retrying in %.1fs", applied, e,
                            self.config.retry_backoff)
             from confluent_kafka import TopicPartition
 
