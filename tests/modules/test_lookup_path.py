@@ -9,7 +9,7 @@ import pytest
 import torch
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 
-from torchrec_hps.config import CacheConfig, HPSConfig, RocksDBTierConfig, StorageConfig
+from torchrec_hps.config import CacheConfig, HPSConfig, MemoryTierConfig, RocksDBTierConfig, StorageConfig
 from torchrec_hps.modules import HPSEmbeddingBagCollection
 from torchrec_hps.modules.cache import cache_group
 from torchrec_hps.modules.cache.layout import FLAG_INVALID, FLAG_LAYOUT, FLAG_MISS, NO_ROW, RESERVED_SLOTS
@@ -178,7 +178,9 @@ def test_hbm_rows_left_by_the_host_level_are_dropped(make_hps, monkeypatch):
 def test_hashed_ids(tmp_path, namespace):
     """Raw 64-bit hashes as ids: num_embeddings only sizes the cache, the index holds any id >= 0."""
     tables = [EmbeddingBagConfig(name="h", embedding_dim=8, num_embeddings=1000, feature_names=["fh"])]
-    storage = StorageHierarchy.from_config(StorageConfig(rocksdb=RocksDBTierConfig(path=str(tmp_path / "db"))))
+    # the memory tier holds hashed ids too (its index is sized by its rows, not the id space)
+    storage = StorageHierarchy.from_config(StorageConfig(memory=MemoryTierConfig(capacity=100),
+                                                         rocksdb=RocksDBTierConfig(path=str(tmp_path / "db"))))
     cfg = HPSConfig(model=namespace, cache=CacheConfig(cache_rows=64, min_cache_rows=1, hit_rate_threshold=1.0,
                                                        hashed_ids=True))
     hps = HPSEmbeddingBagCollection(tables, cfg, storage=storage)

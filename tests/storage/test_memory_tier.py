@@ -22,7 +22,8 @@ def _tier(**kw) -> MemoryTier:
 def _present(tier, keys) -> list:
     # read through the key->slot map, so that checking does not touch LRU/LFU state
     t = tier._tables[SPEC.key]
-    return [int(k) for k in keys if t.slot_of_key[k] >= 0]
+    keys = np.asarray(list(keys), dtype=np.int64)
+    return [int(k) for k in keys[t.slots_of(keys) >= 0]]
 
 
 def _put(tier, keys):
@@ -119,3 +120,24 @@ def test_concurrent_readers_never_see_torn_or_foreign_rows():
         t.join(timeout=120)
     assert not problems, problems[:5]
     assert tier.stats()[spec.key]["evictions"] > 0
+
+
+@pytest.mark.parametrize("num_rows", [1_000, 10_000_000, 1_000_000_000, (1 << 63) - 1])
+def test_index_memory_follows_the_rows_held_not_the_id_space(num_rows):
+    """Up to 4 table rows per cached row a dense map (<= 16 B per cached row); beyond, a hash index whose
+    bytes per cached row do not depend on the table's size (64-bit hashed ids too); lookups stay exact."""
+    spec = TableSpec("m", "big", num_rows=num_rows, dim=4)
+    tier = MemoryTier(MemoryTierConfig(capacity=1000, num_partitions=4))
+    tier.add_table(spec)
+    rng = np.random.default_rng(0)
+    keys = np.unique(rng.integers(0, num_rows, 3000))
+    tier.put(spec.key, torch.from_numpy(keys), torch.from_numpy(keys).float().unsqueeze(1).repeat(1, 4))
+    per_row = tier.index_bytes(spec.key) / tier.capacity(spec.key)
+    assert per_row <= 40, per_row
+    held = keys[tier._tables[spec.key].slots_of(keys) >= 0]
+    assert tier.num_rows(spec.key) == len(held) <= tier.capacity(spec.key)
+    rows, found = tier.get(spec.key, torch.from_numpy(keys))
+    assert found.sum() == len(held)
+    torch.testing.assert_close(rows[found][:, 0], torch.from_numpy(keys)[found].float())
+    tier.delete(spec.key, torch.from_numpy(held[:100]))
+    assert not tier.get(spec.key, torch.from_numpy(held[:100]))[1].any()

@@ -26,7 +26,6 @@ from torchrec_hps.modules.cache.cache_group import HASHED_ID_BOUND
 from torchrec_hps.modules.latency import LatencyHistogram
 from torchrec_hps.modules.kjt_checks import check_kjt_layout, check_lengths, describe_bad_id, out_of_range
 from torchrec_hps.storage.hierarchy import StorageHierarchy
-from torchrec_hps.storage.memory import MemoryTier
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +73,6 @@ class HPSEngine:
         self.storage = storage if storage is not None else StorageHierarchy.from_config(config.storage)
         self._owns_storage = storage is None
         hashed = config.cache.hashed_ids
-        if hashed and any(isinstance(tier, MemoryTier) for tier in self.storage.tiers):
-            raise ValueError("cache.hashed_ids: the storage memory tier keeps a dense per-id map and cannot hold "
-                             "hashed ids; leave it out (the module's host level caches rows in host memory)")
         # the tiers see the id space (any id >= 0 for hashed ids); the cache is sized by num_embeddings
         self.specs = [TableSpec(config.model, t.name, HASHED_ID_BOUND if hashed else t.num_embeddings,
                                 t.embedding_dim) for t in tables]

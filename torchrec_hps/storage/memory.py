@@ -1,8 +1,9 @@
 """Host-memory tier: a bounded, partitioned, thread-safe row cache per table (HPS's volatile hash map).
 
-Layout per table: a dense int32 key -> slot map over the table's id space (4 bytes per table row, so a
-lookup is one vectorized gather, no hashing) and one row arena split into partitions: keys are spread over
-partitions by a multiplicative hash, and each partition owns a slot range, a lock and a free-slot stack.
+Layout per table: one row arena split into partitions: keys are spread over partitions by a multiplicative
+hash, and each partition owns a slot range, a lock, a free-slot stack and its key -> slot index (key_index.py:
+a vectorized hash table sized by the partition's slots, or one dense map shared by the partitions where the
+id space is at most 4 rows per cached row), so memory follows the rows cached, not the id space.
 Readers take no lock (a per-partition seqlock tells them to retry under the locks if a writer was active).
 When a partition is full it evicts in bulk down to `resolution_target` of its slots (one O(slots)
 selection per overflow, not per insert), as HPS's `overflow_resolution_target` does.
@@ -21,6 +22,7 @@ import torch
 from torchrec_hps.config import MemoryTierConfig, TableSpec
 from torchrec_hps.eviction import FreeSlots, choose_victims
 from torchrec_hps.storage.interface import StorageTier, group_by_partition
+from torchrec_hps.storage.key_index import DENSE_ROWS_PER_SLOT, DenseIndex, KeyIndex
 
 
 class _Partition(FreeSlots):
@@ -39,7 +41,12 @@ class _Table:
         if self.num_partitions > 1:  # margin for hash imbalance, so a table that fits whole still does
             per_part += math.ceil(4 * math.sqrt(per_part))
         total = per_part * self.num_partitions
-        self.slot_of_key = np.full(spec.num_rows, -1, dtype=np.int32)
+        if spec.num_rows <= DENSE_ROWS_PER_SLOT * total:
+            dense = DenseIndex(spec.num_rows)
+            self.indexes = [dense] * self.num_partitions
+        else:
+            self.indexes = [KeyIndex(per_part) for _ in range(self.num_partitions)]
+        self.dense = isinstance(self.indexes[0], DenseIndex)
         self.rows = torch.from_numpy(np.empty((total, spec.dim), dtype=dtype))
         self.slot_key = np.full(total, -1, dtype=np.int64)
         self.last_access = np.zeros(total, dtype=np.int64)
@@ -51,6 +58,18 @@ class _Table:
 
     def split(self, keys: np.ndarray) -> List[Tuple[int, np.ndarray]]:
         return group_by_partition(keys, self.num_partitions)
+
+    def slots_of(self, keys: np.ndarray) -> np.ndarray:
+        """The slot of each key (-1: not held)."""
+        if self.dense:
+            return self.indexes[0].get(keys)
+        out = np.empty(len(keys), dtype=np.int32)
+        for p, pos in self.split(keys):
+            out[pos] = self.indexes[p].get(keys[pos])
+        return out
+
+    def index_bytes(self) -> int:
+        return self.indexes[0].nbytes() if self.dense else sum(i.nbytes() for i in self.indexes)
 
     @contextlib.contextmanager
     def writing(self, p: int) -> Iterator[_Partition]:
@@ -86,8 +105,12 @@ class MemoryTier(StorageTier):
     def capacity(self, table: str) -> int:
         return sum(p.capacity for p in self._tables[self.spec(table).key].parts)
 
+    def index_bytes(self, table: str) -> int:
+        """Host memory of the table's key -> slot index."""
+        return self._tables[self.spec(table).key].index_bytes()
+
     def _gather(self, t: _Table, keys: np.ndarray) -> Tuple[torch.Tensor, np.ndarray, np.ndarray]:
-        slots = t.slot_of_key[keys]
+        slots = t.slots_of(keys)
         hit = slots >= 0
         all_hit = bool(hit.all())
         out = torch.index_select(t.rows, 0, torch.from_numpy(slots if all_hit else np.where(hit, slots, 0)))
@@ -125,8 +148,9 @@ class MemoryTier(StorageTier):
         rows_t = torch.from_numpy(rows)
         for p, pos in t.split(keys):
             pk, pr = keys[pos], rows_t[torch.from_numpy(pos)]
+            index = t.indexes[p]
             with t.writing(p) as part:
-                slots = t.slot_of_key[pk]
+                slots = index.get(pk)
                 present = slots >= 0
                 old = slots[present]
                 t.rows[torch.from_numpy(old)] = pr[torch.from_numpy(present)]
@@ -136,18 +160,19 @@ class MemoryTier(StorageTier):
                 if len(new_keys) > part.capacity:  # more new rows than the partition holds: keep the last ones
                     new_keys, new_rows = new_keys[-part.capacity:], new_rows[-part.capacity:]
                 if len(new_keys) > part.n_free:
-                    evicted += self._evict(t, part, len(new_keys))
+                    evicted += self._evict(t, p, len(new_keys))
                 new_slots = part.pop(len(new_keys))
                 t.rows[torch.from_numpy(new_slots)] = new_rows
                 t.slot_key[new_slots] = new_keys
                 t.last_access[new_slots] = tick
                 t.freq[new_slots] = 1
-                t.slot_of_key[new_keys] = new_slots
+                index.insert(new_keys, new_slots.astype(np.int32))
         if evicted:
             self._count(spec.key, evictions=evicted)
 
-    def _evict(self, t: _Table, part: _Partition, incoming: int) -> int:
-        """Free slots for `incoming` rows, evicting down to `resolution_target` of capacity."""
+    def _evict(self, t: _Table, p: int, incoming: int) -> int:
+        """Free slots of partition p for `incoming` rows, evicting down to `resolution_target` of capacity."""
+        part = t.parts[p]
         target_used = int(part.capacity * self.config.resolution_target)
         n = min(part.used, max(incoming - part.n_free, part.used + incoming - target_used))
         if n <= 0:
@@ -156,7 +181,7 @@ class MemoryTier(StorageTier):
         occupied = part.base + np.flatnonzero(t.slot_key[span] >= 0)
         policy = self.config.overflow_policy.removeprefix("evict_")
         victims = choose_victims(occupied, n, policy, t.last_access, t.freq, self._rng)
-        t.slot_of_key[t.slot_key[victims]] = -1
+        t.indexes[p].remove(t.slot_key[victims])
         t.slot_key[victims] = -1
         part.push(victims)
         return n
@@ -164,12 +189,14 @@ class MemoryTier(StorageTier):
     def _delete(self, spec: TableSpec, keys: np.ndarray) -> None:
         t = self._tables[spec.key]
         for p, pos in t.split(keys):
+            index = t.indexes[p]
             with t.writing(p) as part:
-                slots = t.slot_of_key[keys[pos]]
-                slots = slots[slots >= 0]
-                t.slot_of_key[t.slot_key[slots]] = -1
-                t.slot_key[slots] = -1
-                part.push(slots)
+                pk = keys[pos]
+                slots = index.get(pk)
+                held = slots >= 0
+                index.remove(pk[held])
+                t.slot_key[slots[held]] = -1
+                part.push(slots[held])
 
     def _num_rows(self, spec: TableSpec) -> int:
         return sum(p.used for p in self._tables[spec.key].parts)
