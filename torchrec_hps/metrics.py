@@ -48,7 +48,9 @@ class HPSCollector:
 
         tier = {k: counter(k, d, ["model", "table", "tier"]) for k, d in [
             ("tier_keys", "keys asked of the tier"), ("tier_hits", "keys the tier had"),
-            ("tier_errors", "keys or calls that failed on the tier"), ("tier_rows_written", "rows written"),
+            ("tier_errors", "keys asked for whose get failed on the tier"),
+            ("tier_write_errors", "keys whose write (put or delete) failed on the tier"),
+            ("tier_rows_written", "rows written"),
             ("tier_get_seconds", "time in tier gets")]}
         for h in self.hierarchies:
             for qualified, s in h.stats().items():
@@ -58,6 +60,7 @@ class HPSCollector:
                     tier["tier_keys"].add_metric(labels, ts["keys"])
                     tier["tier_hits"].add_metric(labels, ts["hits"])
                     tier["tier_errors"].add_metric(labels, ts["errors"])
+                    tier["tier_write_errors"].add_metric(labels, ts["write_errors"])
                     tier["tier_rows_written"].add_metric(labels, ts["rows_written"])
                     tier["tier_get_seconds"].add_metric(labels, ts["get_seconds"])
         yield from tier.values()

@@ -222,6 +222,8 @@ def test_an_outage_logs_once_per_cause_and_interval_and_shows_as_gauges(servers,
         lines = [r.getMessage() for r in caplog.records if r.name.startswith("torchrec_hps.storage")]
         assert len(lines) <= 8, lines  # 200 failed promotions, a handful of lines
         assert failed_puts() - before == 200
+        s = red.stats()[spec.key]  # errors count keys asked whose get failed; failed writes apart
+        assert 0 < s["errors"] <= s["keys"] == 200 * 50 and s["write_errors"] >= 200 * 50
         assert 'hps_tier_nodes_down{tier="redis"} 1.0' in text
         assert f'hps_pending_invalidations{{model="{spec.model}",table="{spec.name}",tier="redis"}} 10000.0' in text
         assert f'hps_warnings_total{{subject="redis/{spec.key}/' in text

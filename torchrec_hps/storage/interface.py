@@ -43,7 +43,8 @@ class TierStats:
     keys: int = 0  # keys asked for
     hits: int = 0
     misses: int = 0
-    errors: int = 0  # keys or calls that failed on the server side
+    errors: int = 0  # keys asked for whose get failed (never more than `keys`)
+    write_errors: int = 0  # keys whose put or delete failed
     puts: int = 0
     rows_written: int = 0
     deletes: int = 0

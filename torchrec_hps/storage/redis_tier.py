@@ -280,7 +280,7 @@ class RedisTier(StorageTier):
         failures = [(c, r) for c, r in zip(calls, self._execute(calls)) if isinstance(r, Exception)]
         if failures:
             bad = np.concatenate([keys[c.positions] for c, _ in failures])
-            self._count(spec.key, errors=len(bad))
+            self._count(spec.key, write_errors=len(bad))
             raise TierWriteError(self.name, spec.key, bad, failures[0][1])
 
     def _put(self, spec: TableSpec, keys: np.ndarray, rows: np.ndarray) -> None:

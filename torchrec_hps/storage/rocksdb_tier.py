@@ -112,7 +112,7 @@ class RocksDBTier(StorageTier):
             try:
                 self._db.write(wb)
             except Exception as e:
-                self._count(spec.key, errors=len(keys) - lo)
+                self._count(spec.key, write_errors=len(keys) - lo)
                 raise TierWriteError(self.name, spec.key, keys[lo:], e) from e
 
     def _delete(self, spec: TableSpec, keys: np.ndarray) -> None:
