@@ -271,6 +271,9 @@ class KafkaConfig:
     group_id: Optional[str] = None  # consumer group; one per node for node-local tiers
     poll_timeout: float = 0.2
     retry_backoff: float = 0.5  # seconds before re-applying a batch whose tier write failed
+    # rejected update messages (corrupt, or rows no tier may take) are copied here, with their source topic,
+    # partition, offset and the reason as headers, before their offsets are committed; None: logged only
+    dead_letter_topic: Optional[str] = None
     producer: Dict[str, Any] = field(default_factory=dict)  # extra librdkafka settings
     consumer: Dict[str, Any] = field(default_factory=dict)
 

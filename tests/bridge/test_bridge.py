@@ -228,3 +228,38 @@ def test_new_node_starts_from_the_snapshot_offsets(kafka, tier_factory, namespac
     rows = h.get(f"{namespace}.t2", torch.arange(40)).rows[:, 0]
     assert rows[10:25].eq(2.0).all() and rows[:10].eq(1.0).all() and rows[25:].eq(1.0).all()
     consumer.stop()
+
+
+def test_rejected_messages_go_to_the_dead_letter_topic_with_their_source(kafka, tier_factory, namespace):
+    import dataclasses
+
+    from confluent_kafka import Consumer, Producer
+
+    cfg = dataclasses.replace(kafka, dead_letter_topic=f"{namespace}.dead-letter")
+    h = _hierarchy(tier_factory, namespace)
+    consumer = UpdateConsumer(cfg, namespace, h, ["t1", "t2"], group_id=f"{namespace}-dlq")
+    raw = Producer({"bootstrap.servers": kafka.bootstrap_servers})
+    topic = kafka.topic(namespace, "t2")
+    poison = encode(np.array([-1, 105]), np.ones((2, 4), np.float32))
+    raw.produce(topic, value=poison, partition=1)
+    raw.produce(topic, value=b"not a message", partition=1)
+    for i in range(5):
+        raw.produce(topic, value=encode(np.array([i]), np.full((1, 4), 2.0, np.float32)), partition=1)
+    raw.flush(30)
+    assert _drain(consumer, 5, timeout=20) == 5
+    assert consumer.stats["rejected_messages"] == 2 and consumer.stats["dead_lettered"] == 2
+    assert h.get(f"{namespace}.t2", torch.arange(5)).rows.eq(2.0).all()
+    consumer.stop()
+    reader = Consumer({"bootstrap.servers": kafka.bootstrap_servers, "group.id": f"{namespace}-dlq-reader",
+                       "auto.offset.reset": "earliest"})
+    reader.subscribe([cfg.dead_letter_topic])
+    got, deadline = [], time.monotonic() + 30
+    while len(got) < 2 and time.monotonic() < deadline:
+        msg = reader.poll(0.5)
+        if msg is not None and msg.error() is None:
+            got.append((msg.value(), dict((k, v.decode()) for k, v in msg.headers())))
+    reader.close()
+    assert [v for v, _ in got] == [poison, b"not a message"]
+    first = got[0][1]
+    assert first["hps-source-topic"] == topic and first["hps-source-partition"] == "1"
+    assert "out of range" in first["hps-reason"] and first["hps-source-offset"].isdigit()

@@ -59,7 +59,8 @@ class UpdateConsumer:
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self.stats = {"applied_messages": 0, "applied_rows": 0, "rejected_messages": 0, "apply_failures": 0,
-                      "last_applied_time": 0.0}
+                      "dead_lettered": 0, "last_applied_time": 0.0}
+        self._dlq = None  # the dead-letter producer, made on the first rejected message
 
     def _on_assign(self, consumer, partitions) -> None:
         if self._start_offsets:
@@ -100,10 +101,11 @@ class UpdateConsumer:
                 per_table.setdefault(table, []).append((ids, rows))
                 applied += 1
             except WireFormatError as e:
-                rejected.append((msg.topic(), msg.partition(), msg.offset(), str(e)))
+                rejected.append((msg.topic(), msg.partition(), msg.offset(), str(e), msg.value()))
         try:
             rows = self._apply(per_table)
-        except Exception as e:  # a tier is down: rewind, commit nothing, try again later
+            self._dead_letter(rejected)  # before the commit: a rejected message is never lost
+        except Exception as e:  # a tier (or the dead-letter topic) is down: rewind, commit nothing, retry later
             self.stats["apply_failures"] += 1
             _warnings.warn(("consumer.apply", self.model, type(e).__name__),
                            "applying %d update messages failed (%s); retrying in %.1fs", applied, e,
@@ -119,13 +121,43 @@ class UpdateConsumer:
 
             self._consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in next_offset.items()],
                                   asynchronous=False)
-        for topic, partition, offset, reason in rejected:  # counted once, with the batch that commits them
+        for topic, partition, offset, reason, _ in rejected:  # counted once, with the batch that commits them
             logger.warning("skipping update %s[%d]@%d: %s", topic, partition, offset, reason)
         self.stats["rejected_messages"] += len(rejected)
         self.stats["applied_messages"] += applied
         self.stats["applied_rows"] += rows
         self.stats["last_applied_time"] = time.time()
         return applied
+
+    def _dead_letter(self, rejected: List[Tuple[str, int, int, str, bytes]]) -> None:
+        """Copy rejected messages to the dead-letter topic (delivered before this returns), if configured."""
+        topic = self.config.dead_letter_topic
+        if not topic or not rejected:
+            return
+        if self._dlq is None:
+            from confluent_kafka import Producer
+
+            from torchrec_hps.train_bridge.producer import ensure_topics
+
+            ensure_topics(self.config, [topic])
+            self._dlq = Producer({"bootstrap.servers": self.config.bootstrap_servers, "enable.idempotence": True,
+                                  "acks": "all", "message.max.bytes": self.config.max_message_bytes + 4096,
+                                  **self.config.producer})
+        failed: List[str] = []
+
+        def delivered(err, msg) -> None:
+            if err is not None:
+                failed.append(str(err))
+
+        for source, partition, offset, reason, value in rejected:
+            # keyed by source partition: one partition's rejects stay in their order
+            self._dlq.produce(topic, value=value, key=f"{source}[{partition}]", on_delivery=delivered,
+                              headers={"hps-source-topic": source, "hps-source-partition": str(partition),
+                                       "hps-source-offset": str(offset), "hps-reason": reason[:1000]})
+        left = self._dlq.flush(30)
+        if left or failed:
+            raise RuntimeError(f"dead-letter topic {topic!r}: {left} messages undelivered, errors {failed[:3]}")
+        self.stats["dead_lettered"] += len(rejected)
 
     def _check_rows(self, table: str, ids: torch.Tensor, rows: torch.Tensor) -> None:
         """A well-formed message can still carry rows no tier may take: reject it alone, not the batch."""
