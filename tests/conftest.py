@@ -40,6 +40,16 @@ def redis_url(servers: Servers) -> str:
 
 
 @pytest.fixture
+def secured_redis(servers: Servers):
+    """(url, user, password) of the Redis that lets in one ACL user only."""
+    from tests.servers import SECURED_REDIS_ACL
+
+    if not servers.secured_redis.is_up():
+        servers.secured_redis.start(fresh=False)
+    return (f"redis://127.0.0.1:{servers.secured_redis.port}",) + SECURED_REDIS_ACL
+
+
+@pytest.fixture
 def cluster_nodes(servers: Servers):
     for node in servers.cluster.nodes:
         if not node.is_up():

@@ -24,7 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 STATE = ROOT / ".servers"
@@ -122,6 +122,7 @@ def _read_pid(pidfile: Path, port: int) -> Optional[int]:
 class RedisServer:
     port: int
     cluster: bool = False
+    acl: Optional[Tuple[str, str]] = None  # (user, password): the default user off, only this one let in
 
     @property
     def name(self) -> str:
@@ -144,8 +145,10 @@ class RedisServer:
     def _ping(self) -> bool:
         import redis
 
+        user, password = self.acl or (None, None)
         try:
-            return bool(redis.Redis(host=HOST, port=self.port, socket_timeout=0.5).ping())
+            return bool(redis.Redis(host=HOST, port=self.port, socket_timeout=0.5, username=user,
+                                    password=password).ping())
         except Exception:
             return False
 
@@ -170,6 +173,9 @@ class RedisServer:
             'save ""',
             "appendonly no",
         ]
+        if self.acl:
+            user, password = self.acl
+            conf += ["user default off", f"user {user} on >{password} ~* &* +@all"]
         if self.cluster:
             conf += [
                 "cluster-enabled yes",
@@ -189,7 +195,9 @@ class RedisServer:
         try:
             import redis
 
-            redis.Redis(host=HOST, port=self.port, socket_timeout=1).shutdown(nosave=True)
+            user, password = self.acl or (None, None)
+            redis.Redis(host=HOST, port=self.port, socket_timeout=1, username=user,
+                        password=password).shutdown(nosave=True)
         except Exception:
             pass
         self._wait_gone(pid)
@@ -390,6 +398,7 @@ class Servers:
     redis: RedisServer
     cluster: RedisCluster
     kafka: KafkaBroker
+    secured_redis: RedisServer  # ACL: one user with a password, the default user disabled
 
     @property
     def redis_url(self) -> str:
@@ -405,12 +414,13 @@ class Servers:
         (what a pytest session wants: it must never kill servers another run is using)."""
         STATE.mkdir(parents=True, exist_ok=True)
         self.redis.start(take_over=take_over)
+        self.secured_redis.start(take_over=take_over)
         self.cluster.start(take_over=take_over)
         self.kafka.start(take_over=take_over)
 
     def down(self) -> None:
         errors = []
-        for stop in (self.kafka.stop, self.cluster.stop, self.redis.stop):
+        for stop in (self.kafka.stop, self.cluster.stop, self.secured_redis.stop, self.redis.stop):
             try:
                 stop()
             except Exception as e:  # stop the rest regardless
@@ -419,13 +429,16 @@ class Servers:
             raise ServerError("; ".join(errors))
 
     def status(self) -> Dict[str, bool]:
-        out = {self.redis.name: self.redis.is_up()}
+        out = {self.redis.name: self.redis.is_up(), self.secured_redis.name: self.secured_redis.is_up()}
         out.update({n.name: n.is_up() for n in self.cluster.nodes})
         out[f"kafka-{self.kafka.port}"] = self.kafka.is_up()
         return out
 
 
-SERVERS = Servers(RedisServer(REDIS_PORT), RedisCluster(), KafkaBroker())
+SECURED_REDIS_PORT = REDIS_PORT + 1
+SECURED_REDIS_ACL = ("hps", "test-secret-4f1c")
+SERVERS = Servers(RedisServer(REDIS_PORT), RedisCluster(), KafkaBroker(),
+                  RedisServer(SECURED_REDIS_PORT, acl=SECURED_REDIS_ACL))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

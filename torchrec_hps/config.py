@@ -91,9 +91,10 @@ class RedisTierConfig:
     """Redis tier, standalone (`url`) or Cluster (`cluster_nodes`). Rows live in one Redis hash per table
     partition, so one request fetches many rows and a table's partitions spread over the cluster."""
 
-    url: Optional[str] = None  # redis://[:password@]host:port[/db] or rediss:// for TLS
+    url: Optional[str] = None  # redis://host:port[/db] or rediss:// for TLS (credentials below, not in the URL)
     cluster_nodes: List[str] = field(default_factory=list)  # ["host:port", ...] startup nodes
-    password: Optional[str] = None
+    # the secret itself, or where to read it: "env:VAR" or "file:/path" (never printed: repr, logs, errors)
+    password: Optional[str] = field(default=None, repr=False)
     username: Optional[str] = None
     ssl: bool = False
     socket_timeout: float = 2.0
@@ -107,11 +108,37 @@ class RedisTierConfig:
 
     def __post_init__(self) -> None:
         _check_types(self, "redis")
+        if self.url and "@" in self.url.split("//", 1)[-1].split("/", 1)[0]:
+            raise ValueError("redis.url holds credentials; put them in redis.username / redis.password (which may "
+                             "name an environment variable, env:VAR, or a file, file:/path), so they are never "
+                             "printed")
         if bool(self.url) == bool(self.cluster_nodes):
             raise ValueError("redis: give exactly one of url (standalone) or cluster_nodes (Cluster)")
         _check_choice("redis", "storage_dtype", self.storage_dtype, STORAGE_DTYPES)
         if self.num_partitions < 1 or self.max_batch_size < 1:
             raise ValueError("redis.num_partitions and redis.max_batch_size must be >= 1")
+
+
+def resolve_secret(value: Optional[str], what: str) -> Optional[str]:
+    """A secret given as itself, as env:VAR or as file:/path (the file's first line); the error names where it
+    was looked for, never the secret."""
+    if value is None:
+        return None
+    if value.startswith("env:"):
+        import os
+
+        name = value[4:]
+        if name not in os.environ:
+            raise ValueError(f"{what}: environment variable {name!r} is not set")
+        return os.environ[name]
+    if value.startswith("file:"):
+        path = value[5:]
+        try:
+            with open(path) as f:
+                return f.readline().rstrip("\n")
+        except OSError as e:
+            raise ValueError(f"{what}: cannot read {path}: {e.strerror}") from None
+    return value
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from torchrec_hps.config import KEY_PREFIX, RedisTierConfig, TableSpec
+from torchrec_hps.config import KEY_PREFIX, RedisTierConfig, TableSpec, resolve_secret
 from torchrec_hps.storage.interface import StorageTier, TierError, TierWriteError, group_by_partition
 from torchrec_hps.warnings_log import limited
 
@@ -106,7 +106,8 @@ class RedisTier(StorageTier):
         # breaker below decides when to try it again.
         self._client_kwargs = dict(
             socket_timeout=config.socket_timeout, socket_connect_timeout=config.socket_connect_timeout,
-            password=config.password, username=config.username, retry=Retry(NoBackoff(), 0),
+            password=resolve_secret(config.password, "redis.password"), username=config.username,
+            retry=Retry(NoBackoff(), 0),
             **({"ssl": True} if config.ssl else {}), **config.connection_kwargs)
         self._nodes: Dict[str, _Node] = {}
         self._slot_owner: List[str] = []
@@ -128,6 +129,9 @@ class RedisTier(StorageTier):
         node = next(iter(self._nodes.values()))
         try:
             node.client.ping()
+        except self._redis.AuthenticationError as e:
+            raise TierError(f"redis at {self.config.url}: authentication failed for user "
+                            f"{self.config.username or 'default'!r} ({e}); check redis.username / redis.password") from None
         except self._redis.RedisError as e:
             raise TierError(f"redis: cannot reach {self.config.url}: {e}") from e
 
