@@ -50,6 +50,14 @@ def secured_redis(servers: Servers):
 
 
 @pytest.fixture
+def tls_redis(servers: Servers):
+    """(rediss:// url, the test CA's file) of the Redis that speaks TLS only."""
+    if not servers.tls_redis.is_up():
+        servers.tls_redis.start(fresh=False)
+    return f"rediss://127.0.0.1:{servers.tls_redis.port}", str(servers.tls_redis.ca_file)
+
+
+@pytest.fixture
 def cluster_nodes(servers: Servers):
     for node in servers.cluster.nodes:
         if not node.is_up():

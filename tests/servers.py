@@ -123,6 +123,30 @@ class RedisServer:
     port: int
     cluster: bool = False
     acl: Optional[Tuple[str, str]] = None  # (user, password): the default user off, only this one let in
+    tls: bool = False  # TLS only (no plain port), a test CA made with openssl in the server's folder
+
+    @property
+    def ca_file(self) -> Path:
+        return self.dir / "ca.crt"
+
+    def _client_kwargs(self) -> dict:
+        user, password = self.acl or (None, None)
+        tls = {"ssl": True, "ssl_ca_certs": str(self.ca_file)} if self.tls else {}
+        return {"username": user, "password": password, **tls}
+
+    def _make_certificates(self) -> None:
+        """A CA and a server certificate for 127.0.0.1, made with openssl (valid for a few days)."""
+        if shutil.which("openssl") is None:
+            raise ServerError("openssl is not installed: it makes the TLS test certificates (apt-get install openssl)")
+        d = self.dir
+        run = lambda *args: subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)  # noqa: E731
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "7",
+            "-subj", "/CN=torchrec-hps test CA")
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+            "-subj", f"/CN={HOST}")
+        (d / "ext.cnf").write_text(f"subjectAltName=IP:{HOST}\n")
+        run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.crt", "-days", "7", "-extfile", "ext.cnf")
 
     @property
     def name(self) -> str:
@@ -145,10 +169,8 @@ class RedisServer:
     def _ping(self) -> bool:
         import redis
 
-        user, password = self.acl or (None, None)
         try:
-            return bool(redis.Redis(host=HOST, port=self.port, socket_timeout=0.5, username=user,
-                                    password=password).ping())
+            return bool(redis.Redis(host=HOST, port=self.port, socket_timeout=0.5, **self._client_kwargs()).ping())
         except Exception:
             return False
 
@@ -162,8 +184,13 @@ class RedisServer:
         if fresh and self.dir.exists():
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        if self.tls and not (self.dir / "server.crt").exists():
+            self._make_certificates()
+        listen = [f"port {self.port}"] if not self.tls else [
+            "port 0", f"tls-port {self.port}", f"tls-cert-file {self.dir / 'server.crt'}",
+            f"tls-key-file {self.dir / 'server.key'}", f"tls-ca-cert-file {self.ca_file}", "tls-auth-clients no"]
         conf = [
-            f"port {self.port}",
+            *listen,
             f"bind {HOST}",
             "protected-mode no",
             "daemonize yes",
@@ -195,9 +222,7 @@ class RedisServer:
         try:
             import redis
 
-            user, password = self.acl or (None, None)
-            redis.Redis(host=HOST, port=self.port, socket_timeout=1, username=user,
-                        password=password).shutdown(nosave=True)
+            redis.Redis(host=HOST, port=self.port, socket_timeout=1, **self._client_kwargs()).shutdown(nosave=True)
         except Exception:
             pass
         self._wait_gone(pid)
@@ -399,6 +424,7 @@ class Servers:
     cluster: RedisCluster
     kafka: KafkaBroker
     secured_redis: RedisServer  # ACL: one user with a password, the default user disabled
+    tls_redis: RedisServer  # TLS only, certificates from a test CA
 
     @property
     def redis_url(self) -> str:
@@ -415,12 +441,14 @@ class Servers:
         STATE.mkdir(parents=True, exist_ok=True)
         self.redis.start(take_over=take_over)
         self.secured_redis.start(take_over=take_over)
+        self.tls_redis.start(take_over=take_over)
         self.cluster.start(take_over=take_over)
         self.kafka.start(take_over=take_over)
 
     def down(self) -> None:
         errors = []
-        for stop in (self.kafka.stop, self.cluster.stop, self.secured_redis.stop, self.redis.stop):
+        for stop in (self.kafka.stop, self.cluster.stop, self.tls_redis.stop, self.secured_redis.stop,
+                     self.redis.stop):
             try:
                 stop()
             except Exception as e:  # stop the rest regardless
@@ -429,7 +457,7 @@ class Servers:
             raise ServerError("; ".join(errors))
 
     def status(self) -> Dict[str, bool]:
-        out = {self.redis.name: self.redis.is_up(), self.secured_redis.name: self.secured_redis.is_up()}
+        out = {s.name: s.is_up() for s in (self.redis, self.secured_redis, self.tls_redis)}
         out.update({n.name: n.is_up() for n in self.cluster.nodes})
         out[f"kafka-{self.kafka.port}"] = self.kafka.is_up()
         return out
@@ -437,8 +465,9 @@ class Servers:
 
 SECURED_REDIS_PORT = REDIS_PORT + 1
 SECURED_REDIS_ACL = ("hps", "test-secret-4f1c")
+TLS_REDIS_PORT = REDIS_PORT + 2
 SERVERS = Servers(RedisServer(REDIS_PORT), RedisCluster(), KafkaBroker(),
-                  RedisServer(SECURED_REDIS_PORT, acl=SECURED_REDIS_ACL))
+                  RedisServer(SECURED_REDIS_PORT, acl=SECURED_REDIS_ACL), RedisServer(TLS_REDIS_PORT, tls=True))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -96,7 +96,8 @@ class RedisTierConfig:
     # the secret itself, or where to read it: "env:VAR" or "file:/path" (never printed: repr, logs, errors)
     password: Optional[str] = field(default=None, repr=False)
     username: Optional[str] = None
-    ssl: bool = False
+    ssl: bool = False  # TLS (or a rediss:// url)
+    ssl_ca_certs: Optional[str] = None  # the CA file that signs the servers' certificates (default: the system's)
     socket_timeout: float = 2.0
     socket_connect_timeout: float = 1.0
     num_partitions: int = 16

@@ -54,3 +54,24 @@ def test_credentials_in_the_url_are_refused_so_they_are_never_printed():
         RedisTierConfig(url="redis://hps:s3cret@127.0.0.1:6379")
     with pytest.raises(ValueError, match="environment variable 'HPS_NOT_SET_ANYWHERE' is not set"):
         RedisTier(RedisTierConfig(url="redis://127.0.0.1:1", password="env:HPS_NOT_SET_ANYWHERE"))
+
+
+def test_tls_with_the_servers_ca_serves(tls_redis, namespace):
+    url, ca = tls_redis
+    tier = RedisTier(RedisTierConfig(url=url, ssl_ca_certs=ca))
+    spec = _spec(namespace)
+    tier.add_table(spec)
+    tier.put(spec.key, torch.arange(3), torch.full((3, 4), 5.0))
+    rows, found = tier.get(spec.key, torch.arange(3))
+    assert found.all() and rows.eq(5.0).all()
+    tier.drop_table(spec.key)
+    tier.close()
+
+
+def test_tls_refuses_a_plain_client_and_an_unknown_ca(tls_redis, tmp_path):
+    url, ca = tls_redis
+    plain = url.replace("rediss://", "redis://")
+    with pytest.raises(TierError, match="cannot reach"):
+        RedisTier(RedisTierConfig(url=plain))
+    with pytest.raises(TierError, match="certificate verify failed"):
+        RedisTier(RedisTierConfig(url=url))  # the system's CAs do not sign the test server

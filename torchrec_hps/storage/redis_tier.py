@@ -108,7 +108,8 @@ class RedisTier(StorageTier):
             socket_timeout=config.socket_timeout, socket_connect_timeout=config.socket_connect_timeout,
             password=resolve_secret(config.password, "redis.password"), username=config.username,
             retry=Retry(NoBackoff(), 0),
-            **({"ssl": True} if config.ssl else {}), **config.connection_kwargs)
+            **({"ssl": True} if config.ssl else {}),
+            **({"ssl_ca_certs": config.ssl_ca_certs} if config.ssl_ca_certs else {}), **config.connection_kwargs)
         self._nodes: Dict[str, _Node] = {}
         self._slot_owner: List[str] = []
         self._topology_lock = threading.Lock()
