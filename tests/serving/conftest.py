@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -32,15 +32,15 @@ class Query:
     values: np.ndarray  # int64, feature-major
 
 
-def random_query(n: int, gen: np.random.Generator, max_len: int = 3) -> Query:
-    lengths = gen.integers(0, max_len + 1, size=(len(TABLES), n))
+def random_query(n: int, gen: np.random.Generator, max_len: int = 3, tables=TABLES, dense: int = DENSE) -> Query:
+    lengths = gen.integers(0, max_len + 1, size=(len(tables), n))
     values = np.concatenate([gen.integers(0, t.num_embeddings, size=int(lengths[i].sum()))
-                             for i, t in enumerate(TABLES)]).astype(np.int64)
-    return Query(gen.standard_normal((n, DENSE), dtype=np.float32), lengths.astype(np.int64), values)
+                             for i, t in enumerate(tables)]).astype(np.int64)
+    return Query(gen.standard_normal((n, dense), dtype=np.float32), lengths.astype(np.int64), values)
 
 
-def expected_scores(model: torch.nn.Module, q: Query) -> np.ndarray:
-    kjt = KeyedJaggedTensor(keys=[f for t in TABLES for f in t.feature_names], values=torch.from_numpy(q.values),
+def expected_scores(model: torch.nn.Module, q: Query, tables=TABLES) -> np.ndarray:
+    kjt = KeyedJaggedTensor(keys=[f for t in tables for f in t.feature_names], values=torch.from_numpy(q.values),
                             lengths=torch.from_numpy(q.lengths.reshape(-1)))
     with torch.no_grad():
         return model(torch.from_numpy(q.dense), kjt).reshape(-1).numpy()
@@ -132,3 +132,16 @@ def grpc_infer(target: str, model: str, q: Query) -> np.ndarray:
     with grpc.insecure_channel(target) as channel:
         resp = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=60)
     return np.frombuffer(resp.raw_output_contents[0], dtype=np.float32)
+
+
+def check_http_scores(http_url: str, name: str, model: torch.nn.Module, sizes, seed: int, rtol: float = 1e-5,
+                      atol: float = 1e-6) -> None:
+    """Queries of these sizes through the stock HTTP client score as `model`'s own forward."""
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(http_url)
+    gen = np.random.default_rng(seed)
+    for n in sizes:
+        q = random_query(n, gen)
+        np.testing.assert_allclose(client.infer(name, http_inputs(q)).as_numpy("scores"), expected_scores(model, q),
+                                   rtol=rtol, atol=atol)

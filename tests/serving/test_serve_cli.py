@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.serving.conftest import ARCH, DENSE, TABLES, expected_scores, http_inputs, make_dlrm, random_query
+from tests.serving.conftest import (ARCH, DENSE, TABLES, check_http_scores, expected_scores, grpc_inputs,
+                                    http_inputs, make_dlrm, random_query)
 
 
 def _start(args, tmp_path) -> tuple:
@@ -51,19 +52,13 @@ def _config(tmp_path, name: str, **extra) -> str:
 
 def test_serve_a_checkpoint_from_the_cli(tmp_path, namespace):
     import torch
-    import tritonclient.http as httpclient
 
     model = make_dlrm(seed=4)
     torch.save(model.state_dict(), tmp_path / "dlrm.pt")
     cfg = _config(tmp_path, namespace, serve={"path": str(tmp_path / "dlrm.pt"), "dense_in_features": DENSE, **ARCH})
     proc, info, log = _start(["--config", cfg, "--tune"], tmp_path)
     try:
-        client = httpclient.InferenceServerClient(f"127.0.0.1:{info['http_port']}")
-        gen = np.random.default_rng(7)
-        for n in (1, 30):
-            q = random_query(n, gen)
-            np.testing.assert_allclose(client.infer(namespace, http_inputs(q)).as_numpy("scores"),
-                                       expected_scores(model, q), rtol=1e-5, atol=1e-6)
+        check_http_scores(f"127.0.0.1:{info['http_port']}", namespace, model, sizes=(1, 30), seed=7)
     finally:
         _stop(proc, log)
 
@@ -72,7 +67,6 @@ def test_serve_a_torchscript_artifact_from_the_cli(tmp_path, namespace):
     import tritonclient.grpc as grpcclient
 
     from tests.modules.test_swap import swapped_dlrm
-    from tests.serving.conftest import grpc_inputs
     from torchrec_hps.serving import save_served_model, signature_of
 
     swapped, storage, _, _ = swapped_dlrm(tmp_path, namespace, n_batches=1, batch=2, seed=5, cache_ratio=0.1)
@@ -90,26 +84,10 @@ def test_serve_a_torchscript_artifact_from_the_cli(tmp_path, namespace):
     try:
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{info['grpc_port']}")
         gen = np.random.default_rng(8)
-        import torch
-        from torchrec import KeyedJaggedTensor
-
         for n in (1, 6):
-            lengths = gen.integers(0, 3, size=(len(DLRM_TABLES), n)).astype(np.int64)
-            values = np.concatenate([gen.integers(0, t.num_embeddings, size=int(lengths[i].sum()))
-                                     for i, t in enumerate(DLRM_TABLES)]).astype(np.int64)
-            dense = gen.standard_normal((n, 5), dtype=np.float32)
-            inputs = []
-            for name, arr, dt in (("dense_features", dense, "FP32"), ("sparse_lengths", lengths, "INT64"),
-                                  ("sparse_values", values, "INT64")):
-                t = grpcclient.InferInput(name, list(arr.shape), dt)
-                t.set_data_from_numpy(arr)
-                inputs.append(t)
-            kjt = KeyedJaggedTensor(keys=[f for t in DLRM_TABLES for f in t.feature_names],
-                                    values=torch.from_numpy(values), lengths=torch.from_numpy(lengths.reshape(-1)))
-            with torch.no_grad():
-                want = reference(torch.from_numpy(dense), kjt).reshape(-1).numpy()
-            np.testing.assert_allclose(client.infer("scripted", inputs).as_numpy("scores"), want, rtol=1e-5,
-                                       atol=1e-6)
+            q = random_query(n, gen, max_len=2, tables=DLRM_TABLES, dense=5)
+            np.testing.assert_allclose(client.infer("scripted", grpc_inputs(q)).as_numpy("scores"),
+                                       expected_scores(reference, q, tables=DLRM_TABLES), rtol=1e-5, atol=1e-6)
     finally:
         _stop(proc, log)
 
@@ -121,7 +99,6 @@ def test_torchx_server_component_runs_the_node_and_stops_on_its_stop_file(tmp_pa
     from torchx.specs import AppState
 
     from apps import components
-    from tests.test_torchx import ROOT  # noqa: F401  (the components run in this checkout)
 
     model = make_dlrm(seed=6)
     torch.save(model.state_dict(), tmp_path / "dlrm.pt")

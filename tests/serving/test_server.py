@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.serving.conftest import TABLES, expected_scores, grpc_inputs, http_inputs, random_query
+from tests.serving.conftest import expected_scores, grpc_inputs, http_inputs, random_query
 
 
 def test_http_and_grpc_scores_equal_the_models_forward(served):
@@ -182,10 +182,9 @@ def test_a_saved_quantized_model_is_served(tmp_path, namespace):
     quantize_inference_model (FP16 tables), swapped onto the tiers at load; scores equal its own forward."""
     import copy
 
-    import tritonclient.http as httpclient
     from torchrec.inference.modules import quantize_inference_model
 
-    from tests.serving.conftest import DENSE, make_dlrm
+    from tests.serving.conftest import DENSE, check_http_scores, make_dlrm
     from torchrec_hps.config import CacheConfig, HPSConfig, MemoryTierConfig, StorageConfig
     from torchrec_hps.serving import InferenceServer, ModelRepository, SchedulerConfig, ServedModelConfig, ServerConfig
     from torchrec_hps.storage import StorageHierarchy
@@ -202,12 +201,8 @@ def test_a_saved_quantized_model_is_served(tmp_path, namespace):
     server = InferenceServer(ServerConfig(http_port=0, grpc_port=None, scheduler=SchedulerConfig(cpu_workers=1)),
                              repo).start()
     try:
-        client = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}")
-        gen = np.random.default_rng(11)
-        for n in (1, 20):
-            q = random_query(n, gen)
-            np.testing.assert_allclose(client.infer(namespace, http_inputs(q)).as_numpy("scores"),
-                                       expected_scores(quantized, q), rtol=1e-4, atol=1e-5)
+        check_http_scores(f"127.0.0.1:{server.http_port}", namespace, quantized, sizes=(1, 20), seed=11,
+                          rtol=1e-4, atol=1e-5)
         with pytest.raises(ValueError, match="not a saved nn.Module"):
             torch.save(quantized.state_dict(), tmp_path / "state.pt")
             repo.load(ServedModelConfig(name="other", source="module", path=str(tmp_path / "state.pt")))

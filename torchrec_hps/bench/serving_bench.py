@@ -14,11 +14,8 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import asdict
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
-import numpy as np
 import torch
 
 

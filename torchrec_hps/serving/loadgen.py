@@ -76,93 +76,88 @@ def _request(pb, model: str, q: tuple, timeout_ms: float):
     return req
 
 
-async def _open_loop(target: str, model: str, requests: List, spec: LoadSpec) -> LoadResult:
+class _Tally:
+    """One load run's client: sends a query over gRPC and keeps its latency, samples and status."""
+
+    def __init__(self, stub, model: str, spec: LoadSpec) -> None:
+        from torchrec_hps.serving.oip import grpc_predict_v2_pb2 as pb
+
+        self.stub, self.model, self.spec, self.pb = stub, model, spec, pb
+        self.latencies: List[float] = []
+        self.statuses: Dict[str, int] = {}
+        self.samples = 0
+        self.sent = 0
+
+    async def send(self, q: tuple) -> None:
+        import grpc
+
+        self.sent += 1
+        req = _request(self.pb, self.model, q, self.spec.timeout_ms)
+        t0 = time.perf_counter()
+        try:
+            await self.stub.ModelInfer(req, timeout=self.spec.timeout_ms / 1e3 * 2)
+        except grpc.aio.AioRpcError as e:
+            self.statuses[e.code().name] = self.statuses.get(e.code().name, 0) + 1
+            return
+        self.latencies.append(time.perf_counter() - t0)
+        self.samples += q[0]
+        self.statuses["OK"] = self.statuses.get("OK", 0) + 1
+
+    def result(self, offered_qps: float, elapsed: float) -> LoadResult:
+        lat = np.array(self.latencies) * 1e3 if self.latencies else np.array([float("inf")])
+        ok = self.statuses.get("OK", 0)
+        return LoadResult(offered_qps=offered_qps, achieved_qps=ok / elapsed, samples_per_s=self.samples / elapsed,
+                          queries=self.sent, failed=self.sent - ok, p50_ms=float(np.percentile(lat, 50)),
+                          p95_ms=float(np.percentile(lat, 95)), p99_ms=float(np.percentile(lat, 99)),
+                          statuses=self.statuses)
+
+
+def _channel(target: str):
     import grpc
 
-    from torchrec_hps.serving.oip import grpc_predict_v2_pb2 as pb
+    return grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 256 << 20)])
+
+
+async def _open_loop(target: str, model: str, requests: List, spec: LoadSpec) -> LoadResult:
     from torchrec_hps.serving.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 
     rng = np.random.default_rng(spec.seed + 1)
     count = max(1, int(spec.qps * spec.duration_s))
     gaps = rng.exponential(1.0 / spec.qps, count)
-    latencies: List[float] = []
-    statuses: Dict[str, int] = {}
-    samples = 0
-    async with grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 256 << 20)]) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-
-        async def one(req, n: int) -> None:
-            nonlocal samples
-            t0 = time.perf_counter()
-            try:
-                await stub.ModelInfer(req, timeout=spec.timeout_ms / 1e3 * 2)
-                latencies.append(time.perf_counter() - t0)
-                samples += n
-                statuses["OK"] = statuses.get("OK", 0) + 1
-            except grpc.aio.AioRpcError as e:
-                statuses[e.code().name] = statuses.get(e.code().name, 0) + 1
-
+    async with _channel(target) as channel:
+        tally = _Tally(pb_grpc.GRPCInferenceServiceStub(channel), model, spec)
         tasks = []
         start = time.perf_counter()
         due = start
-        for i in range(count):
+        for i in range(count):  # arrivals on schedule, never waiting for answers
             due += gaps[i]
             wait = due - time.perf_counter()
             if wait > 0:
                 await asyncio.sleep(wait)
-            n = requests[i % len(requests)][0]
-            tasks.append(asyncio.ensure_future(one(_request(pb, model, requests[i % len(requests)],
-                                                            spec.timeout_ms), n)))
+            tasks.append(asyncio.ensure_future(tally.send(requests[i % len(requests)])))
         sent_for = time.perf_counter() - start
         await asyncio.gather(*tasks)
         elapsed = max(time.perf_counter() - start, sent_for)
-    lat = np.array(latencies) * 1e3 if latencies else np.array([float("inf")])
-    ok = statuses.get("OK", 0)
-    return LoadResult(offered_qps=spec.qps, achieved_qps=ok / elapsed, samples_per_s=samples / elapsed,
-                      queries=count, failed=count - ok, p50_ms=float(np.percentile(lat, 50)),
-                      p95_ms=float(np.percentile(lat, 95)), p99_ms=float(np.percentile(lat, 99)),
-                      statuses=statuses)
+    return tally.result(spec.qps, elapsed)
 
 
 async def _closed_loop(target: str, model: str, requests: List, spec: LoadSpec, concurrency: int) -> LoadResult:
     """`concurrency` clients, each sending its next query when the last is answered: the node's peak
     throughput with no latency bound (always `concurrency` queries in the node, never a runaway queue)."""
-    import grpc
-
-    from torchrec_hps.serving.oip import grpc_predict_v2_pb2 as pb
     from torchrec_hps.serving.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 
-    latencies: List[float] = []
-    statuses: Dict[str, int] = {}
-    samples = 0
-    async with grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 256 << 20)]) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    async with _channel(target) as channel:
+        tally = _Tally(pb_grpc.GRPCInferenceServiceStub(channel), model, spec)
         start = time.perf_counter()
         end = start + spec.duration_s
-        sent = [0]
 
         async def client() -> None:
-            nonlocal samples
             while time.perf_counter() < end:
-                q = requests[sent[0] % len(requests)]
-                sent[0] += 1
-                t0 = time.perf_counter()
-                try:
-                    await stub.ModelInfer(_request(pb, model, q, spec.timeout_ms), timeout=spec.timeout_ms / 1e3 * 2)
-                    latencies.append(time.perf_counter() - t0)
-                    samples += q[0]
-                    statuses["OK"] = statuses.get("OK", 0) + 1
-                except grpc.aio.AioRpcError as e:
-                    statuses[e.code().name] = statuses.get(e.code().name, 0) + 1
+                await tally.send(requests[tally.sent % len(requests)])
 
         await asyncio.gather(*(client() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
-    lat = np.array(latencies) * 1e3 if latencies else np.array([float("inf")])
-    ok = statuses.get("OK", 0)
-    return LoadResult(offered_qps=float("nan"), achieved_qps=ok / elapsed, samples_per_s=samples / elapsed,
-                      queries=sent[0], failed=sent[0] - ok, p50_ms=float(np.percentile(lat, 50)),
-                      p95_ms=float(np.percentile(lat, 95)), p99_ms=float(np.percentile(lat, 99)),
-                      statuses=statuses)
+    return tally.result(float("nan"), elapsed)
 
 
 def model_signature(target: str, model: str):
