@@ -38,7 +38,11 @@ def test_cuda_module_equals_torchrec_sync(tmp_path, ratio, host_ratio):
         torch.testing.assert_close(out.values().cpu(), ref(kjt).values().detach(), rtol=1e-5, atol=1e-5)
         for g in hps.engine.groups:
             check_hbm_level(g)
-    assert hps.stats()["t3"]["hits"] > 0  # ids served from HBM
+    # the last batch again: rows its first lookup admitted are served from HBM (at 1%, a handful of rows:
+    # uniform ids over 6 batches need not hit a given table's)
+    hits = sum(hps.stats()[t.name]["hits"] for t in TABLES)
+    hps(kjt.to(torch.device("cuda")))
+    assert sum(hps.stats()[t.name]["hits"] for t in TABLES) > hits
     hps.close()
     storage.close()
 
@@ -260,5 +264,41 @@ def test_prefetch_on_a_side_stream_then_forward_is_exact(tmp_path, ratio, thresh
         check_hbm_level(g)
         assert g.prefetches == len(batches) - 1
     assert prev is not None or threshold == 1.0
+    hps.close()
+    storage.close()
+
+
+@pytest.mark.parametrize("ratio", [0.1, 1.0])
+def test_forward_of_the_prefetched_kjt_reuses_its_prefetch(tmp_path, ratio):
+    """The forward takes the very (host) KJT registered: its lookup reads the prefetch's probe and admission.
+    Anything in between (an update, another lookup, the KJT written in place) makes it look up again."""
+    ref, storage, hps = _setup(tmp_path, ratio, threshold=1.0, host_cache_ratio=1.0)
+    for t in TABLES:
+        hps.prefill(t.name, torch.arange(t.num_embeddings))  # every id in a level: prefetches find them all
+    gen = torch.Generator().manual_seed(12)
+    batches = [random_kjt(TABLES, 64, gen=gen) for _ in range(10)]
+    cuda = torch.device("cuda")
+    stats = hps.stats()["_module"]
+    reused0 = stats["prefetch_reused"]
+    disturbed = {3, 5, 7}
+    for i, kjt in enumerate(batches):
+        if i + 1 < len(batches):
+            hps.prefetch(batches[i + 1])
+        out = hps(kjt).values()  # the host KJT itself
+        torch.randn(2048, 2048, device=cuda) @ torch.randn(2048, 2048, device=cuda)  # batch i's dense layers
+        if i == 2:  # another batch's lookup between batch 3's prefetch and its forward
+            other = random_kjt(TABLES, 16, gen=gen)
+            torch.testing.assert_close(hps(other.to(cuda)).values().cpu(), ref(other).values().detach())
+        if i == 4:  # an update reaches batch 5, whose prefetch ran before it
+            hps.update("t1", torch.arange(50), torch.full((50, 8), 3.0))
+            ref.embedding_bags["t1"].weight.data[:50] = 3.0
+        if i == 6:  # batch 7 written in place after its prefetch
+            batches[7].values().copy_(torch.flip(batches[7].values(), [0]) % 60)
+        if i != 4:
+            torch.testing.assert_close(out.cpu(), ref(kjt).values().detach(), rtol=1e-5, atol=1e-5)
+    reused = hps.stats()["_module"]["prefetch_reused"] - reused0  # counted per pooling group
+    assert reused == (len(batches) - 1 - len(disturbed)) * len(hps.engine.groups)
+    for g in hps.engine.groups:
+        check_hbm_level(g)
     hps.close()
     storage.close()

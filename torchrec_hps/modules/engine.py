@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -36,6 +37,34 @@ def _pooling_mode(pooling: PoolingType):
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
 
     return PoolingMode.SUM if pooling == PoolingType.SUM else PoolingMode.MEAN
+
+
+def _version(t: Optional[torch.Tensor]) -> int:
+    try:
+        return -1 if t is None else t._version  # bumped by in-place writes
+    except RuntimeError:  # inference-mode tensors keep no version counter: identity alone
+        return -1
+
+
+@dataclass
+class _RegisteredBatch:
+    """The caller's KJT tensors passed to prefetch() (the same objects, unmodified, mark its forward) and each
+    group's token."""
+
+    keys: List[str]
+    tensors: tuple
+    versions: tuple
+    tokens: List[int]
+
+    @staticmethod
+    def of(features: KeyedJaggedTensor, tokens: List[int]) -> "_RegisteredBatch":
+        tensors = (features.values(), features.lengths(), features.weights_or_none())
+        return _RegisteredBatch(features.keys(), tensors, tuple(_version(t) for t in tensors), tokens)
+
+    def matches(self, features: KeyedJaggedTensor) -> bool:
+        tensors = (features.values(), features.lengths(), features.weights_or_none())
+        return features.keys() == self.keys and all(a is b for a, b in zip(tensors, self.tensors)) and \
+            tuple(_version(t) for t in tensors) == self.versions
 
 
 class HPSEngine:
@@ -124,6 +153,8 @@ class HPSEngine:
             self._refresher.start()
         # one pooling group: lookups in its feature order go straight to it (its kernels flag bad input)
         self._fast_group = groups[0] if len(groups) == 1 else None
+        # KJTs passed to prefetch(), newest last: the serving loop registers batch i+1 before batch i's forward
+        self._prefetched: List[_RegisteredBatch] = []
 
     @property
     def feature_names(self) -> List[str]:
@@ -136,6 +167,11 @@ class HPSEngine:
     def lookup(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """Pooled embeddings [B, sum of dims], features in the tables' order."""
         t0 = time.perf_counter()
+        pre = self._registered(features)
+        if pre is not None:
+            outs = [g.lookup_prefetched(token) for g, token in zip(self.groups, pre.tokens)]
+            if all(o is not None for o in outs):
+                return self._finish(outs, t0, features.values().numel())
         g = self._fast_group
         if g is not None:
             values, lengths = features.values(), features.lengths()
@@ -185,17 +221,23 @@ class HPSEngine:
                 raise RuntimeError("a cache group refused a lookup that passed the engine's checks")
             outs.append(out)
             f_lo, v_lo = f_lo + n_g, v_hi
+        return self._finish(outs, t0, values.numel())
+
+    def _finish(self, outs: List[torch.Tensor], t0: float, n_ids: int) -> torch.Tensor:
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         if self._out_perm is not None:
             out = out.index_select(1, self._out_perm)
-        self._record(t0, values.numel())
+        self._record(t0, n_ids)
         return out
 
     def prefetch(self, features: KeyedJaggedTensor) -> None:
         """Bring the batch's rows into the cache during the next lookup (see TBECacheGroup.prefetch): a serving
         loop calls it for batch i+1 before batch i's forward, so i+1's miss path and copy into HBM overlap
-        batch i's dense layers. Pass the KJT on the host, pinned, to overlap its copy too. Bad input is left
-        to the batch's lookup, which reports it as usual."""
+        batch i's dense layers. Pass the KJT on the host, pinned, to overlap its copy too, and pass the same
+        KJT object to the forward, unmodified: its lookup then reads the prefetch's work on the device copy (no
+        second probe, no host wait; TBECacheGroup.lookup_prefetched). Bad input is left to the batch's
+        lookup, which reports it as usual."""
+        caller = features
         check_kjt_layout(features, self._feature_names, self._is_weighted)
         if features.keys() != self._internal_names:
             index = {k: i for i, k in enumerate(features.keys())}
@@ -204,16 +246,27 @@ class HPSEngine:
         values, lengths = features.values(), features.lengths()
         weights = features.weights_or_none() if self._is_weighted else None
         if len(self.groups) == 1:
-            self.groups[0].prefetch(values, lengths, weights)
-            return
-        counts = lengths.view(len(self._internal_names), batch).sum(1).tolist() if batch else \
-            [0] * len(self._internal_names)
-        f_lo, v_lo = 0, 0
-        for group, n_g in zip(self.groups, self._group_features):
-            v_hi = v_lo + sum(counts[f_lo:f_lo + n_g])
-            group.prefetch(values[v_lo:v_hi], lengths[f_lo * batch:(f_lo + n_g) * batch],
-                           weights[v_lo:v_hi] if weights is not None else None)
-            f_lo, v_lo = f_lo + n_g, v_hi
+            tokens = [self.groups[0].prefetch(values, lengths, weights)]
+        else:
+            counts = lengths.view(len(self._internal_names), batch).sum(1).tolist() if batch else \
+                [0] * len(self._internal_names)
+            tokens, f_lo, v_lo = [], 0, 0
+            for group, n_g in zip(self.groups, self._group_features):
+                v_hi = v_lo + sum(counts[f_lo:f_lo + n_g])
+                tokens.append(group.prefetch(values[v_lo:v_hi], lengths[f_lo * batch:(f_lo + n_g) * batch],
+                                             weights[v_lo:v_hi] if weights is not None else None))
+                f_lo, v_lo = f_lo + n_g, v_hi
+        if all(tokens):  # 0: carried out at once (no device), nothing to reuse
+            self._prefetched = self._prefetched[-1:] + [_RegisteredBatch.of(caller, tokens)]
+
+    def _registered(self, features: KeyedJaggedTensor) -> Optional["_RegisteredBatch"]:
+        """The registration of this KJT, if prefetched (it and older ones are dropped)."""
+        registered = self._prefetched
+        for i, pre in enumerate(registered):
+            if pre.matches(features):
+                self._prefetched = registered[i + 1:]
+                return pre
+        return None
 
     def _record(self, t0: float, n_ids: int) -> None:
         dt = time.perf_counter() - t0
@@ -310,6 +363,9 @@ class HPSEngine:
         with self._stats_lock:
             fwd = dict(self._forward_stats)
         fwd["unknown_ids"] = int(self._unknown_ids)
+        # prefetches launched on the device, and lookups that read their prefetch's work (no probe of their own)
+        fwd["prefetches"] = sum(getattr(g, "prefetches", 0) for g in self.groups)
+        fwd["prefetch_reused"] = sum(getattr(g, "prefetch_reused", 0) for g in self.groups)
         fwd.update(self.latency.percentiles_ms())
         out["_module"] = fwd
         return out

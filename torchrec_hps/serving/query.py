@@ -100,6 +100,7 @@ class Batch:
     dense: torch.Tensor
     features: KeyedJaggedTensor
     slices: List[Slice] = field(default_factory=list)
+    prefetched: bool = False  # registered with the model's HPS module: its forward takes these very features
 
 
 def split(query: Query, piece: int) -> List[Slice]:

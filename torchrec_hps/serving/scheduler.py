@@ -125,7 +125,9 @@ class Worker(threading.Thread):
             model = served.replica(self.device)
             dense, features = batch.dense, batch.features
             if self.device != "cpu":
-                dense, features = dense.to(self.device, non_blocking=True), features.to(self.device)
+                dense = dense.to(self.device, non_blocking=True)
+                if not batch.prefetched:  # a prefetched KJT stays on the host: the module has its device copy
+                    features = features.to(self.device)
             with torch.no_grad():
                 out = model(dense, features)
             scatter(batch, out.reshape(-1).float().cpu())
@@ -144,6 +146,7 @@ class Worker(threading.Thread):
             if len(modules) == 1:  # one HPS module takes the model's whole KJT (DLRM's sparse arch)
                 try:
                     modules[0].prefetch(following.features)
+                    following.prefetched = True
                     self.prefetched += 1
                 except Exception:  # a prefetch is only ahead-of-time work: the forward does it again, exactly
                     pass

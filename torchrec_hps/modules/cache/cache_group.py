@@ -25,7 +25,7 @@ from torchrec_hps.modules.cache.host_level import HostRows
 from torchrec_hps.modules.cache.interface import EmbeddingCacheGroup
 from torchrec_hps.modules.cache.layout import (ADMISSION, FLAG_INVALID, FLAG_LAYOUT, FLAG_MISS, MAX_TICK,
                                                RESERVED_SLOTS)
-from torchrec_hps.modules.cache.lookup_path import LookupPath
+from torchrec_hps.modules.cache.lookup_path import LookupPath, Shape
 from torchrec_hps.modules.cache.miss_path import AsyncInserter, fetch_misses, insert_rows, overwrite_uncached
 from torchrec_hps.modules.cache.probe_kernel import ProbeTables
 from torchrec_hps.modules.cache.set_index import SetIndex
@@ -51,6 +51,20 @@ class CacheTableStats:
 
     def as_dict(self) -> Dict[str, float]:
         return asdict(self)
+
+
+@dataclass
+class _Prefetch:
+    """A batch registered by prefetch(): its ids on the device; once launched, its buffers, its tick and how
+    many lookups/writes (_mark) had come before it."""
+
+    values: torch.Tensor
+    lengths: torch.Tensor
+    weights: Optional[torch.Tensor]
+    token: int
+    shape: Optional[Shape] = None
+    tick: int = 0
+    marks: int = 0
 
 
 class TBECacheGroup(EmbeddingCacheGroup):
@@ -128,10 +142,13 @@ class TBECacheGroup(EmbeddingCacheGroup):
         self._side: Optional[torch.cuda.Stream] = None
         self._prefetched: Optional[torch.cuda.Event] = None
         self._last_write: Optional[torch.cuda.Event] = None
-        self._next: Optional[tuple] = None  # a registered batch (its ids on the device), launched by the next lookup
-        self._inflight: Optional[tuple] = None  # a launched prefetch whose flags are not read yet
+        self._next: Optional[_Prefetch] = None  # a registered batch (ids on the device), launched by the next lookup
+        self._inflight: Optional[_Prefetch] = None  # a launched prefetch whose flags are not read yet
         self._prefetched_batch: Optional[tuple] = None
+        self._tokens = 0
+        self._marks = 0  # lookups and writes so far (_mark): a prefetch's result stands while none comes between
         self.prefetches = 0
+        self.prefetch_reused = 0  # lookups that read their prefetch's probe and admission (no probe of their own)
         self.path = LookupPath(self, use_graphs=config.cuda_graphs and cuda)
 
     # ---- the lookup ----
@@ -142,26 +159,58 @@ class TBECacheGroup(EmbeddingCacheGroup):
         out of range (unless `allow_invalid`: the engine has checked them, and they get the default)."""
         with self.lock:
             self._after_prefetch()
-            # the lookup of a batch just prefetched is not counted again (the prefetch counted its misses)
-            count = self._prefetched_batch != (values.numel(), lengths.numel())
-            self._prefetched_batch = None
-            self._next_tick()
-            out, flags, shape = self.path.run(values, lengths, per_sample_weights, self._tick, count, allow_invalid)
-            if flags & FLAG_LAYOUT or (flags & FLAG_INVALID and not allow_invalid):
+            return self._lookup_locked(values, lengths, per_sample_weights, allow_invalid)
+
+    def _lookup_locked(self, values: torch.Tensor, lengths: torch.Tensor, per_sample_weights: Optional[torch.Tensor],
+                       allow_invalid: bool) -> Optional[torch.Tensor]:
+        # the lookup of a batch just prefetched is not counted again (the prefetch counted its misses)
+        count = self._prefetched_batch != (values.numel(), lengths.numel())
+        self._prefetched_batch = None
+        self._next_tick()
+        out, flags, shape = self.path.run(values, lengths, per_sample_weights, self._tick, count, allow_invalid)
+        if flags & FLAG_LAYOUT or (flags & FLAG_INVALID and not allow_invalid):
+            return None
+        if flags & FLAG_MISS:
+            overflow = fetch_misses(self, shape, values.numel())
+            out, _, shape = self.path.run(values, lengths, per_sample_weights, self._tick, False, allow_invalid,
+                                          rerun=True)
+            for t, left in overflow.items():
+                out = overwrite_uncached(self, out, shape, values.numel(), t, left, per_sample_weights)
+        self._mark()
+        self._launch_prefetch()
+        return out
+
+    def lookup_prefetched(self, token: int) -> Optional[torch.Tensor]:
+        """The lookup of the batch prefetch() registered as `token`, on its device copy. If its prefetch found
+        every id valid and in a level, and no lookup or write came between, the TBE reads the rows that
+        probe and admission found: no second probe and no host wait on this lookup's flags (their
+        admission and staged rows stand until the next admission, which is queued after this TBE).
+        Otherwise an ordinary lookup of the copy; None (and nothing done) for a batch no longer registered."""
+        with self.lock:
+            pending = self._next
+            if pending is not None and pending.token == token:  # registered, not launched yet: look it up now
+                self._next = None
+                self._after_prefetch()
+                torch.cuda.current_stream(self.device).wait_stream(self._side)
+                return self._lookup_locked(pending.values, pending.lengths, pending.weights, allow_invalid=False)
+            pre = self._inflight
+            if pre is None or pre.token != token:
                 return None
-            if flags & FLAG_MISS:
-                overflow = fetch_misses(self, shape, values.numel())
-                out, _, shape = self.path.run(values, lengths, per_sample_weights, self._tick, False, allow_invalid,
-                                              rerun=True)
-                for t, left in overflow.items():
-                    out = overwrite_uncached(self, out, shape, values.numel(), t, left, per_sample_weights)
+            undisturbed = self._marks == pre.marks
+            clean = self._after_prefetch() == 0
+            if not (clean and undisturbed):
+                return self._lookup_locked(pre.values, pre.lengths, pre.weights, allow_invalid=False)
+            self._prefetched_batch = None
+            n = pre.values.numel()
+            out = self.pooled_lookup(pre.shape.slots[:n], pre.shape.offsets, pre.weights, pre.shape.probe_out.locs[:n])
+            self.prefetch_reused += 1
             self._mark()
             self._launch_prefetch()
             return out
 
     # ---- prefetch: the next batch's misses and HBM admission while the caller's dense layers run ----
     def prefetch(self, values: torch.Tensor, lengths: torch.Tensor, per_sample_weights: Optional[torch.Tensor] = None
-                 ) -> None:
+                 ) -> int:
         """Bring a coming batch's rows in during the next lookup: call it for batch i+1 before batch i's
         forward. Its ids are copied to the device now (on a side stream: pass pinned host tensors); right after
         batch i's TBE is queued, the probe and the admission into HBM (the copy over PCIe) run on the side
@@ -171,15 +220,18 @@ class TBECacheGroup(EmbeddingCacheGroup):
         with self.lock:
             if self.device.type != "cuda":
                 self._prefetch_now(values, lengths, per_sample_weights)
-                return
+                return 0  # carried out: nothing registered
             if self._side is None:  # high priority: its copy gets SMs as the caller's GEMM blocks retire
                 self._side = torch.cuda.Stream(device=self.device, priority=-1)
                 self._prefetched = torch.cuda.Event()
             if values.device == self.device:  # made on the caller's stream: it may still be in the making
                 self._side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._side):
-                self._next = tuple(x.to(self.device, non_blocking=True) if x is not None else None
-                                   for x in (values, lengths, per_sample_weights))
+                copies = [x.to(self.device, non_blocking=True) if x is not None else None
+                          for x in (values, lengths, per_sample_weights)]
+            self._tokens += 1
+            self._next = _Prefetch(*copies, token=self._tokens)
+            return self._tokens
 
     def _prefetch_now(self, values, lengths, weights) -> None:
         self._next_tick()
@@ -195,30 +247,34 @@ class TBECacheGroup(EmbeddingCacheGroup):
         host not waiting (its flags are read by the next locked call)."""
         if self._next is None:
             return
-        values, lengths, weights = self._next
+        pre = self._next
         self._next = None
         self._side.wait_event(self._last_write)  # this lookup (its TBE reads the HBM rows) and any write
         with torch.cuda.stream(self._side):
             self._next_tick()
-            _, _, shape = self.path.run(values, lengths, weights, self._tick, True, True, prefetch=True, wait=False)
+            _, _, pre.shape = self.path.run(pre.values, pre.lengths, pre.weights, self._tick, True, True,
+                                            prefetch=True, wait=False)
             self._prefetched.record(self._side)
-        self._inflight = (shape, values, lengths, weights, self._tick)
-        self._prefetched_batch = (values.numel(), lengths.numel())
+        pre.tick, pre.marks = self._tick, self._marks
+        self._inflight = pre
+        self._prefetched_batch = (pre.values.numel(), pre.lengths.numel())
         self.prefetches += 1
 
-    def _after_prefetch(self) -> None:
+    def _after_prefetch(self) -> int:
         """Before any work on the caller's stream: a launched prefetch is complete (both change the levels);
-        ids it found in neither level are fetched now, and admitted."""
-        if self._inflight is None:
-            return
-        shape, values, lengths, weights, tick = self._inflight
+        ids it found in neither level are fetched now, and admitted. Returns the prefetch's flags (0: none
+        launched, or every id valid and in a level)."""
+        pre = self._inflight
+        if pre is None:
+            return 0
         self._inflight = None
         self._prefetched.synchronize()
         torch.cuda.current_stream(self.device).wait_event(self._prefetched)
-        flags = int(shape.flags_np[0])
+        flags = int(pre.shape.flags_np[0])
         if flags & FLAG_MISS and not flags & FLAG_LAYOUT:
-            fetch_misses(self, shape, values.numel())
-            self.path.run(values, lengths, weights, tick, False, True, prefetch=True, rerun=True)
+            fetch_misses(self, pre.shape, pre.values.numel())
+            self.path.run(pre.values, pre.lengths, pre.weights, pre.tick, False, True, prefetch=True, rerun=True)
+        return flags
 
     def _mark(self) -> None:
         """Where the caller's stream stands after a lookup or a write: a launched prefetch starts there."""
@@ -226,6 +282,7 @@ class TBECacheGroup(EmbeddingCacheGroup):
             if self._last_write is None:
                 self._last_write = torch.cuda.Event()
             self._last_write.record(torch.cuda.current_stream(self.device))
+        self.__dict__["_marks"] = self._marks + 1
 
     def _next_tick(self) -> None:
         # a plain attribute write: nn.Module.__setattr__ costs microseconds on the per-lookup path

@@ -74,7 +74,7 @@ class HBMLevel:
     # ---- admission (inside the lookup, on the device) ----
     def admit(self, cand: torch.Tensor, cand_count: torch.Tensor, victims: torch.Tensor, scalars: torch.Tensor,
               host: HostRowLayout, entries: torch.Tensor, locs: torch.Tensor,
-              copy_programs: Optional[int] = None) -> None:
+              copy_programs: Optional[int] = None, copy_block: int = 0) -> None:
         """Admit the candidates (their tail past cand_count holds CAND_PAD), then point `locs` (the lookup's
         HBM rows) at what was admitted or staged. `copy_programs` bounds the copy kernel's grid (a prefetch
         leaves the other SMs to the caller's dense layers running beside it)."""
@@ -89,13 +89,14 @@ class HBMLevel:
                                  self.n_sets, self.stage_count, self.capacity, self.n_staging, DIRECT=self.direct,
                                  W=HBM_WAYS, BLOCK_SIZE=BLOCK)
             n_tables = host.entry_base.numel()
-            blocks = triton.cdiv(cand.numel(), COPY_BLOCK)
+            block = copy_block or COPY_BLOCK
+            blocks = triton.cdiv(cand.numel(), block)
             programs = min(blocks, copy_programs or blocks)
             _apply_kernel[(programs,)](cand, cand_count, scalars, victims, self.tags, self.ticks, self.hbm_of_host,
                                 self.capacity, host.words, host.entry_base, host.word_offset, host.row_words, n_tables,
                                 self.row_words, self.row_words.shape[1], ITERS=triton.cdiv(blocks, programs),
                                 SEARCH_STEPS=max(1, n_tables.bit_length() + 1),
-                                MAX_WORDS=triton.next_power_of_2(host.max_row_words), BLOCK_SIZE=COPY_BLOCK)
+                                MAX_WORDS=triton.next_power_of_2(host.max_row_words), BLOCK_SIZE=block)
         relocate(entries, locs, self.hbm_of_host)
 
     def _sort_scratch(self, cand: torch.Tensor) -> torch.Tensor:

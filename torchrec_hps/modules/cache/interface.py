@@ -22,9 +22,15 @@ class EmbeddingCacheGroup(torch.nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def prefetch(self, values: torch.Tensor, lengths: torch.Tensor,
-                 per_sample_weights: Optional[torch.Tensor] = None) -> None:
+                 per_sample_weights: Optional[torch.Tensor] = None) -> int:
         """Bring a coming lookup's rows into the cache ahead of it (its misses fetched, its rows admitted),
-        overlapped with the caller's work where the device allows; the lookup stays exact either way."""
+        overlapped with the caller's work where the device allows; the lookup stays exact either way.
+        Returns a token for lookup_prefetched."""
+
+    @abc.abstractmethod
+    def lookup_prefetched(self, token: int) -> Optional[torch.Tensor]:
+        """The lookup of the batch that prefetch() returned `token` for (the same output as lookup() of it),
+        or None when that batch is no longer the registered one (the caller then calls lookup)."""
 
     @abc.abstractmethod
     def invalidate(self, t: int, keys: np.ndarray) -> None:

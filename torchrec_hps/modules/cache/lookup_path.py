@@ -41,6 +41,7 @@ POOLED_IN_GRAPH_MAX_BYTES = 4 << 20
 # A prefetch's copy kernel runs beside the caller's dense layers: a bounded grid leaves them most SMs (the
 # copy is bound by PCIe latency: a few dozen programs keep enough reads in flight)
 PREFETCH_COPY_PROGRAMS = 32
+PREFETCH_COPY_BLOCK = 16  # rows per program and round: more rows in flight per program with fewer programs
 ZERO_COPY = True  # let the kernels use the pinned scalars and flags buffers in place (tests turn it off)
 
 __all__ = ["LookupPath", "Shape", "bucket_for"]
@@ -120,7 +121,8 @@ class Shape:
         probe(self.values, self.scalars, self.ends, g.probe_tables, o)
         if g.hbm is not None:
             g.hbm.admit(o.cand, o.cand_count, self.victims, self.scalars, g.host_rows.layout, o.entries, o.locs,
-                        copy_programs=PREFETCH_COPY_PROGRAMS if self.prefetch else None)
+                        copy_programs=PREFETCH_COPY_PROGRAMS if self.prefetch else None,
+                        copy_block=PREFETCH_COPY_BLOCK if self.prefetch else 0)
         commit_counts(o.flags, self.scalars, o.counts, g.totals, g.feature_table,
                       self.flags_host if self.zero_copy else None)
         if not self.zero_copy:
