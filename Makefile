@@ -25,9 +25,11 @@ $(STAMP): constraints.txt setup.cfg pyproject.toml
 	$(VPY) -c "import torchrec_hps; torchrec_hps.check_environment(verbose=True)"
 	touch $(STAMP)
 
-# Test servers: Redis from Debian's package, the Kafka broker from Maven Central (run with Java 17).
+# Test servers: Redis from Debian's package, the Kafka broker from Maven Central (run with Java 17);
+# promtool (Debian's prometheus package) checks the alert rules and the dashboard's expressions.
 tools: $(KAFKA_LIB)
 	@command -v redis-server >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server redis-tools; }
+	@command -v promtool >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }
 	@command -v java >/dev/null || { echo "Java 17 is needed to run the test Kafka broker (apt-get install openjdk-17-jre-headless)"; exit 1; }
 
 $(KAFKA_LIB): deploy/kafka/pom.xml
