@@ -67,6 +67,16 @@ def cluster_nodes(servers: Servers):
 
 
 @pytest.fixture
+def replica_cluster_nodes(servers: Servers):
+    """The Cluster with a replica per primary, every node up and replicating (after any failover test)."""
+    for node in servers.replica_cluster.nodes:
+        if not node.is_up():
+            node.start(fresh=False)
+    servers.replica_cluster.wait_ok(timeout=60)
+    return servers.replica_cluster_nodes
+
+
+@pytest.fixture
 def kafka_bootstrap(servers: Servers) -> str:
     if not servers.kafka.is_up():
         servers.kafka.start(fresh=False)

@@ -3,6 +3,7 @@
 - one standalone Redis (``redis-server`` from Debian's package),
 - a 3-node Redis Cluster (3 primaries, no replicas, ``cluster-require-full-coverage no`` so that the
   surviving nodes keep serving while one is down),
+- a 6-node Redis Cluster (3 primaries + 3 replicas: a dead primary's replica takes over, failover tests),
 - one Apache Kafka broker in KRaft mode (combined broker + controller), jars resolved from Maven
   Central by ``deploy/kafka/pom.xml`` and run with the machine's Java 17.
 
@@ -31,6 +32,7 @@ STATE = ROOT / ".servers"
 HOST = "127.0.0.1"
 REDIS_PORT = 16379
 CLUSTER_PORTS = (17001, 17002, 17003)
+REPLICA_CLUSTER_PORTS = (17011, 17012, 17013, 17014, 17015, 17016)
 KAFKA_PORT = 19092
 KAFKA_CONTROLLER_PORT = 19093
 KAFKA_LIB = ROOT / "deploy" / "kafka" / "lib"
@@ -243,20 +245,39 @@ class RedisServer:
 
 
 class RedisCluster:
-    def __init__(self, ports=CLUSTER_PORTS) -> None:
+    def __init__(self, ports=CLUSTER_PORTS, replicas: int = 0) -> None:
         self.nodes = [RedisServer(p, cluster=True) for p in ports]
+        self.replicas = replicas
 
     def _cluster_ok(self) -> bool:
+        """Every node up and agreeing, every slot served; with replicas, each primary has its replicas and
+        their replication links are up (also after a failover, whichever node is primary now)."""
         import redis
 
         try:
             for node in self.nodes:
-                info = redis.Redis(host=HOST, port=node.port, socket_timeout=0.5).execute_command("CLUSTER INFO")
-                if info.get("cluster_state") != "ok" or int(info.get("cluster_known_nodes", 0)) != len(self.nodes):
+                client = redis.Redis(host=HOST, port=node.port, socket_timeout=0.5)
+                info = client.execute_command("CLUSTER INFO")
+                if info.get("cluster_state") != "ok" or int(info.get("cluster_known_nodes", 0)) != len(self.nodes) \
+                        or int(info.get("cluster_size", 0)) != len(self.nodes) // (self.replicas + 1):
+                    return False
+                if any("fail" in n["flags"] or not n["connected"] for n in client.execute_command("CLUSTER NODES").values()):
+                    return False  # a node still flagged failed (one restarting after a failover test)
+                if any(len(r) < 3 + self.replicas for r in client.execute_command("CLUSTER SLOTS")):
+                    return False  # this node does not know every range's replicas yet
+                repl = client.info("replication")
+                if repl.get("role") == "slave" and repl.get("master_link_status") != "up":
+                    return False
+                if repl.get("role") == "master" and self.replicas and int(repl.get("connected_slaves", 0)) < self.replicas:
                     return False
             return True
         except Exception:
             return False
+
+    def primaries(self) -> List["RedisServer"]:
+        import redis
+
+        return [n for n in self.nodes if redis.Redis(host=HOST, port=n.port).info("replication")["role"] == "master"]
 
     def start(self, take_over: bool = True) -> None:
         for node in self.nodes:
@@ -270,7 +291,7 @@ class RedisCluster:
             r.flushall()
             r.execute_command("CLUSTER RESET HARD")
         cmd = ["redis-cli", "--cluster", "create", *[f"{HOST}:{n.port}" for n in self.nodes],
-               "--cluster-replicas", "0", "--cluster-yes"]
+               "--cluster-replicas", str(self.replicas), "--cluster-yes"]
         try:  # redis-cli waits for the nodes to agree, forever if one is gone: bound it
             out = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
         except subprocess.TimeoutExpired as e:
@@ -423,6 +444,7 @@ class Servers:
     redis: RedisServer
     cluster: RedisCluster
     kafka: KafkaBroker
+    replica_cluster: RedisCluster  # 3 primaries + 3 replicas
     secured_redis: RedisServer  # ACL: one user with a password, the default user disabled
     tls_redis: RedisServer  # TLS only, certificates from a test CA
 
@@ -434,6 +456,10 @@ class Servers:
     def cluster_nodes(self) -> List[str]:
         return [f"{HOST}:{n.port}" for n in self.cluster.nodes]
 
+    @property
+    def replica_cluster_nodes(self) -> List[str]:
+        return [f"{HOST}:{n.port}" for n in self.replica_cluster.nodes]
+
     def up(self, take_over: bool = True) -> None:
         """Start what is not running. `take_over`: servers on our ports that another checkout or an
         aborted run left are restarted fresh (what `make test` wants); without it they are used as they are
@@ -443,11 +469,12 @@ class Servers:
         self.secured_redis.start(take_over=take_over)
         self.tls_redis.start(take_over=take_over)
         self.cluster.start(take_over=take_over)
+        self.replica_cluster.start(take_over=take_over)
         self.kafka.start(take_over=take_over)
 
     def down(self) -> None:
         errors = []
-        for stop in (self.kafka.stop, self.cluster.stop, self.tls_redis.stop, self.secured_redis.stop,
+        for stop in (self.kafka.stop, self.replica_cluster.stop, self.cluster.stop, self.tls_redis.stop, self.secured_redis.stop,
                      self.redis.stop):
             try:
                 stop()
@@ -458,7 +485,7 @@ class Servers:
 
     def status(self) -> Dict[str, bool]:
         out = {s.name: s.is_up() for s in (self.redis, self.secured_redis, self.tls_redis)}
-        out.update({n.name: n.is_up() for n in self.cluster.nodes})
+        out.update({n.name: n.is_up() for n in self.cluster.nodes + self.replica_cluster.nodes})
         out[f"kafka-{self.kafka.port}"] = self.kafka.is_up()
         return out
 
@@ -466,7 +493,7 @@ class Servers:
 SECURED_REDIS_PORT = REDIS_PORT + 1
 SECURED_REDIS_ACL = ("hps", "test-secret-4f1c")
 TLS_REDIS_PORT = REDIS_PORT + 2
-SERVERS = Servers(RedisServer(REDIS_PORT), RedisCluster(), KafkaBroker(),
+SERVERS = Servers(RedisServer(REDIS_PORT), RedisCluster(), KafkaBroker(), RedisCluster(REPLICA_CLUSTER_PORTS, replicas=1),
                   RedisServer(SECURED_REDIS_PORT, acl=SECURED_REDIS_ACL), RedisServer(TLS_REDIS_PORT, tls=True))
 
 

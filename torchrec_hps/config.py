@@ -101,8 +101,15 @@ class RedisTierConfig:
     socket_timeout: float = 2.0
     socket_connect_timeout: float = 1.0
     num_partitions: int = 16
-    max_batch_size: int = 4096  # rows per server-side script call, bounds how long one call blocks Redis
+    max_batch_size: int = 4096  # rows per HMGET/HSET command, bounds how long one command blocks Redis
     retry_interval: float = 0.5  # seconds a failed node is skipped before it is tried again
+    # Cluster: re-read the slot map at most this often while a node fails (follows a failover to its replica)
+    topology_refresh_interval: float = 1.0
+    # Cluster: gets from the slots' replicas (writes still go to primaries and wait, up to replica_wait_ms,
+    # for a replica to acknowledge; a replica that did not is not read for retry_interval, so none serves
+    # a row older than the last write)
+    read_from_replicas: bool = False
+    replica_wait_ms: int = 100
     storage_dtype: str = "float32"
     promote: bool = True
     connection_kwargs: Dict[str, Any] = field(default_factory=dict)  # passed through to redis-py

@@ -9,6 +9,9 @@ by partition and sends one HMGET per partition chunk, pipelined per node (the RE
 numpy, not argument by argument), with the nodes served in parallel threads. (Server-side Lua that packs rows into one reply was tried first: Redis 7's Lua spent
 about 4 us per row on it, 4x HMGET's cost, so plain HMGET/HSET/HDEL it is.) A node that fails is skipped for `retry_interval` seconds (its keys
 count as misses and errors, so the hierarchy falls through to the tier below) and used again afterwards.
+On a Cluster, commands follow the slot map of redis_topology.py: MOVED (and a failing node, at most once a
+`topology_refresh_interval`) re-reads it, so a failover to a replica is followed; ASK (a slot migrating)
+sends the command to the importing node after ASKING; `read_from_replicas` sends gets to replicas.
 """
 from __future__ import annotations
 
@@ -26,12 +29,15 @@ import numpy as np
 
 from torchrec_hps.config import KEY_PREFIX, RedisTierConfig, TableSpec, resolve_secret
 from torchrec_hps.storage.interface import StorageTier, TierError, TierWriteError, group_by_partition
+from torchrec_hps.storage.redis_topology import NUM_SLOTS as _NUM_SLOTS
+from torchrec_hps.storage.redis_topology import ClusterTopology
 from torchrec_hps.warnings_log import limited
 
 logger = logging.getLogger(__name__)
 _warnings = limited(logger)
 
-_NUM_SLOTS = 16384
+_READONLY = b"*1\r\n$8\r\nREADONLY\r\n"  # lets a replica's connection serve reads of its primary's slots
+_ASKING = b"*1\r\n$6\r\nASKING\r\n"
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,15 +117,18 @@ class RedisTier(StorageTier):
             **({"ssl": True} if config.ssl else {}),
             **({"ssl_ca_certs": config.ssl_ca_certs} if config.ssl_ca_certs else {}), **config.connection_kwargs)
         self._nodes: Dict[str, _Node] = {}
-        self._slot_owner: List[str] = []
-        self._topology_lock = threading.Lock()
+        self._nodes_lock = threading.Lock()
+        self._topology: Optional[ClusterTopology] = None
         if config.url:
             client = redis.Redis.from_url(config.url, **self._client_kwargs)
             self._nodes[config.url] = _Node(config.url, client)
             self._check_reachable()
         else:
-            self._refresh_topology()
-        self._pool = ThreadPoolExecutor(max(2, 2 * len(self._nodes)), thread_name_prefix="hps-redis")
+            self._topology = ClusterTopology(config.cluster_nodes, self._cluster_slots,
+                                             config.topology_refresh_interval)
+            self._topology.refresh()
+        self._pool = ThreadPoolExecutor(max(4, 2 * len(self._topology.known if self._topology else self._nodes)),
+                                        thread_name_prefix="hps-redis")
 
     # ---- topology ----
     @property
@@ -136,39 +145,30 @@ class RedisTier(StorageTier):
         except self._redis.RedisError as e:
             raise TierError(f"redis: cannot reach {self.config.url}: {e}") from e
 
-    def _node_client(self, addr: str):
-        host, port = addr.rsplit(":", 1)
-        return self._redis.Redis(host=host, port=int(port), **self._client_kwargs)
+    def _node(self, addr: str) -> _Node:
+        node = self._nodes.get(addr)
+        if node is None:
+            with self._nodes_lock:
+                node = self._nodes.get(addr)
+                if node is None:
+                    host, port = addr.rsplit(":", 1)
+                    node = self._nodes[addr] = _Node(addr, self._redis.Redis(host=host, port=int(port),
+                                                                            **self._client_kwargs))
+        return node
 
-    def _refresh_topology(self) -> None:
-        """Read the slot -> node map from the first node that answers CLUSTER SLOTS."""
-        with self._topology_lock:
-            candidates = list(dict.fromkeys(list(self._nodes) + list(self.config.cluster_nodes)))
-            errors = []
-            for addr in candidates:
-                client = self._nodes[addr].client if addr in self._nodes else self._node_client(addr)
-                try:
-                    slots = client.execute_command("CLUSTER SLOTS")
-                except self._redis.RedisError as e:
-                    errors.append(f"{addr}: {e}")
-                    continue
-                owner = [""] * _NUM_SLOTS
-                for start, end, primary, *_ in slots:
-                    host = primary[0].decode() if isinstance(primary[0], bytes) else primary[0]
-                    node_addr = f"{host}:{primary[1]}"
-                    if node_addr not in self._nodes:
-                        self._nodes[node_addr] = _Node(node_addr, self._node_client(node_addr))
-                    owner[start:end + 1] = [node_addr] * (end - start + 1)
-                self._slot_owner = owner
-                return
-            raise TierError(f"redis cluster: no startup node answered CLUSTER SLOTS ({'; '.join(errors)})")
+    def _cluster_slots(self, addr: str) -> list:
+        return self._node(addr).client.execute_command("CLUSTER SLOTS")
 
     def _owner(self, hash_name: str) -> str:
-        if not self.is_cluster:
+        if self._topology is None:
             return self.config.url
         from redis.crc import key_slot
 
-        return self._slot_owner[key_slot(hash_name.encode())]
+        return self._topology.owner[key_slot(hash_name.encode())]
+
+    def _usable(self, addr: str) -> bool:
+        node = self._nodes.get(addr)
+        return node is None or node.down_until <= time.monotonic()
 
     def hash_names(self, spec: TableSpec) -> List[str]:
         tags = _partition_tags(self.config.num_partitions)
@@ -193,32 +193,50 @@ class RedisTier(StorageTier):
                 calls.append(_Call(names[p], packed, pos))
         return calls
 
-    def _run_on_node(self, node: _Node, calls: Sequence[_Call]) -> list:
+    def _run_on_node(self, node: _Node, calls: Sequence[_Call], readonly: bool = False, asking: bool = False,
+                     wait_replicas: int = 0) -> Tuple[list, Optional[int]]:
+        """The calls' replies (or exceptions) in order, pipelined on one connection; `readonly` first (a
+        replica), `asking` before each call (ASK), `wait_replicas`: WAIT for that many replicas after the
+        writes, whose reply (replicas that acknowledged) comes second."""
         if time.monotonic() < node.down_until:
-            return [TierError(f"redis node {node.addr} is marked down")] * len(calls)
+            return [TierError(f"redis node {node.addr} is marked down")] * len(calls), None
         pool = node.client.connection_pool
         try:
             conn = pool.get_connection()
         except (self._redis.ConnectionError, self._redis.TimeoutError) as e:
-            return self._node_failed(node, e, len(calls))
+            return self._node_failed(node, e, len(calls)), None
         try:
             # one write of every command, then the replies in order: a pipeline without per-argument packing
-            conn.send_packed_command([c.packed for c in calls], check_health=False)
+            packed = [_READONLY] if readonly else []
+            for c in calls:
+                packed += [_ASKING, c.packed] if asking else [c.packed]
+            if wait_replicas:
+                packed.append(self._wait_command(wait_replicas))
+            conn.send_packed_command(packed, check_health=False)
+            if readonly:
+                conn.read_response()
             out: list = []
             for _ in calls:
                 try:
+                    if asking:
+                        conn.read_response()
                     out.append(conn.read_response())
                 except self._redis.ResponseError as e:  # an error reply to one command (e.g. MOVED)
                     out.append(e)
-            return out
+            acked = int(conn.read_response()) if wait_replicas else None
+            return out, acked
         except (self._redis.ConnectionError, self._redis.TimeoutError) as e:
             conn.disconnect()
-            return self._node_failed(node, e, len(calls))
+            return self._node_failed(node, e, len(calls)), None
         except self._redis.RedisError as e:
             conn.disconnect()
-            return [e] * len(calls)
+            return [e] * len(calls), None
         finally:
             pool.release(conn)
+
+    def _wait_command(self, replicas: int) -> bytes:
+        n, ms = str(replicas), str(self.config.replica_wait_ms)
+        return f"*3\r\n$4\r\nWAIT\r\n${len(n)}\r\n{n}\r\n${len(ms)}\r\n{ms}\r\n".encode()
 
     def nodes_down(self) -> int:
         now = time.monotonic()
@@ -230,27 +248,68 @@ class RedisTier(StorageTier):
                        node.addr, error, self.config.retry_interval)
         return [error] * n
 
-    def _execute(self, calls: List[_Call], retry_moved: bool = True) -> list:
-        """Run calls grouped by owning node, nodes in parallel; results (or exceptions) in call order."""
+    def _execute(self, calls: List[_Call], retry_moved: bool = True, read: bool = False,
+                 replicas: bool = True) -> list:
+        """Run calls grouped by node, nodes in parallel; results (or exceptions) in call order. `read`: gets
+        (to replicas with read_from_replicas, unless `replicas` is off: a retry on the primaries)."""
+        topo = self._topology
+        if topo is not None and self.nodes_down() and topo.refresh_due():  # follow a failover
+            try:
+                topo.refresh(prefer_last=[a for a, n in self._nodes.items() if not self._usable(a)])
+            except TierError:
+                pass  # no node answers: the calls fail below and the hierarchy falls through
+        from_replicas = topo is not None and read and replicas and self.config.read_from_replicas
+        write_wait = topo is not None and not read and self.config.read_from_replicas
         by_node: Dict[str, List[int]] = {}
         for i, c in enumerate(calls):
-            by_node.setdefault(self._owner(c.hash_name), []).append(i)
+            owner = self._owner(c.hash_name)
+            by_node.setdefault(topo.read_node(owner, self._usable) if from_replicas else owner, []).append(i)
         results: list = [None] * len(calls)
-        jobs = [(idx, self._nodes[addr]) for addr, idx in by_node.items()]
-        if len(jobs) == 1:
-            outs = [self._run_on_node(jobs[0][1], [calls[i] for i in jobs[0][0]])]
-        else:
-            outs = list(self._pool.map(lambda j: self._run_on_node(j[1], [calls[i] for i in j[0]]), jobs))
-        for (idx, _), out in zip(jobs, outs):
+
+        def run(job):
+            addr, idx = job
+            primary = topo is None or addr in topo.replicas
+            wait = topo.replica_count(addr) if (write_wait and primary) else 0
+            return self._run_on_node(self._node(addr), [calls[i] for i in idx], readonly=not primary,
+                                     wait_replicas=wait)
+
+        jobs = list(by_node.items())
+        outs = [run(jobs[0])] if len(jobs) == 1 else list(self._pool.map(run, jobs))
+        for (addr, idx), (out, acked) in zip(jobs, outs):
             for i, r in zip(idx, out):
                 results[i] = r
-        moved = [i for i, r in enumerate(results) if isinstance(r, self._redis.ResponseError) and "MOVED" in str(r)]
-        if moved and retry_moved and self.is_cluster:  # resharded: re-read the slot map once and retry
-            self._refresh_topology()
-            again = self._execute([calls[i] for i in moved], retry_moved=False)
-            for i, r in zip(moved, again):
+            if acked is not None and acked < topo.replica_count(addr):
+                topo.mark_stale(addr, self.config.retry_interval)
+                _warnings.warn(("redis.replica_wait", addr), "redis: %d of %d replicas of %s acknowledged a write "
+                               "within %d ms; reading from the primary for %.1fs", acked, topo.replica_count(addr),
+                               addr, self.config.replica_wait_ms, self.config.retry_interval)
+        if topo is None:
+            return results
+        # redis-py parses the redirections into MovedError / AskError ("<slot> <host:port>")
+        exc = self._redis.exceptions
+        moved = [i for i, r in enumerate(results) if isinstance(r, exc.MovedError)]
+        if moved and retry_moved:  # resharded or failed over: re-read the slot map once and retry
+            topo.refresh()
+            for i, r in zip(moved, self._execute([calls[i] for i in moved], retry_moved=False, read=read)):
                 results[i] = r
+        asked = [i for i, r in enumerate(results) if isinstance(r, exc.AskError)]
+        for target, idx in self._group_by(asked, lambda i: str(results[i]).split()[-1]).items():
+            out, _ = self._run_on_node(self._node(target), [calls[i] for i in idx], asking=True)
+            for i, r in zip(idx, out):
+                results[i] = r
+        if from_replicas:  # a replica that failed: its reads once more from the primaries
+            failed = [i for i, r in enumerate(results) if isinstance(r, Exception)]
+            if failed:
+                for i, r in zip(failed, self._execute([calls[i] for i in failed], read=True, replicas=False)):
+                    results[i] = r
         return results
+
+    @staticmethod
+    def _group_by(items: List[int], key) -> Dict[str, List[int]]:
+        out: Dict[str, List[int]] = {}
+        for i in items:
+            out.setdefault(key(i), []).append(i)
+        return out
 
     # ---- tier hooks ----
     def _create_table(self, spec: TableSpec) -> None:
@@ -263,7 +322,7 @@ class RedisTier(StorageTier):
         rows_u = np.zeros((len(uniq), spec.dim), dtype=np.float32)
         found_u = np.zeros(len(uniq), dtype=bool)
         failed = 0
-        for call, values in zip(calls, self._execute(calls)):
+        for call, values in zip(calls, self._execute(calls, read=True)):
             if isinstance(values, Exception):
                 failed += len(call.positions)
                 continue
@@ -298,7 +357,7 @@ class RedisTier(StorageTier):
         total = 0
         for name in self.hash_names(spec):
             try:
-                total += self._nodes[self._owner(name)].client.hlen(name)
+                total += self._node(self._owner(name)).client.hlen(name)
             except self._redis.RedisError as e:
                 raise TierError(f"redis: cannot count rows of {spec.key} ({name}): {e}") from e
         return total
@@ -306,7 +365,7 @@ class RedisTier(StorageTier):
     def drop_table(self, table: str) -> None:
         """Remove every row of `table` from Redis (all its partition hashes)."""
         for name in self.hash_names(self.spec(table)):
-            self._nodes[self._owner(name)].client.delete(name)
+            self._node(self._owner(name)).client.delete(name)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
