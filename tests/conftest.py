@@ -84,6 +84,16 @@ def kafka_bootstrap(servers: Servers) -> str:
 
 
 @pytest.fixture
+def kafka_secured(servers: Servers):
+    """(SASL_SSL bootstrap, user, password, the test CA's file) of the broker's SCRAM-over-TLS listener."""
+    from tests.servers import KAFKA_SASL_USER
+
+    if not servers.kafka.is_up():
+        servers.kafka.start(fresh=False)
+    return (servers.kafka.secure_bootstrap,) + KAFKA_SASL_USER + (str(servers.kafka.ca_file),)
+
+
+@pytest.fixture
 def rocksdb_path(tmp_path: Path) -> Path:
     return tmp_path / "rocksdb"
 

@@ -35,11 +35,31 @@ CLUSTER_PORTS = (17001, 17002, 17003)
 REPLICA_CLUSTER_PORTS = (17011, 17012, 17013, 17014, 17015, 17016)
 KAFKA_PORT = 19092
 KAFKA_CONTROLLER_PORT = 19093
+KAFKA_SECURE_PORT = 19094  # the broker's SASL_SSL listener
+KAFKA_SASL_USER = ("hps-bridge", "kafka-secret-7d2b")
+KAFKA_KEYSTORE_PASSWORD = "keystore-pass-31a8"
 KAFKA_LIB = ROOT / "deploy" / "kafka" / "lib"
 
 
 class ServerError(RuntimeError):
     pass
+
+
+def make_test_certificates(d: Path, pkcs12_password: Optional[str] = None) -> None:
+    """In `d`: a test CA (ca.crt) and a server certificate for 127.0.0.1 signed by it (server.crt/.key),
+    made with openssl, valid for a few days; with `pkcs12_password` also server.p12 (a Java keystore)."""
+    if shutil.which("openssl") is None:
+        raise ServerError("openssl is not installed: it makes the TLS test certificates (apt-get install openssl)")
+    run = lambda *args: subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)  # noqa: E731
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "7",
+        "-subj", "/CN=torchrec-hps test CA")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", f"/CN={HOST}")
+    (d / "ext.cnf").write_text(f"subjectAltName=IP:{HOST}\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.crt", "-days", "7", "-extfile", "ext.cnf")
+    if pkcs12_password:
+        run("pkcs12", "-export", "-in", "server.crt", "-inkey", "server.key", "-certfile", "ca.crt", "-name", "kafka",
+            "-out", "server.p12", "-passout", f"pass:{pkcs12_password}")
 
 
 def _port_open(port: int, timeout: float = 0.2) -> bool:
@@ -137,18 +157,7 @@ class RedisServer:
         return {"username": user, "password": password, **tls}
 
     def _make_certificates(self) -> None:
-        """A CA and a server certificate for 127.0.0.1, made with openssl (valid for a few days)."""
-        if shutil.which("openssl") is None:
-            raise ServerError("openssl is not installed: it makes the TLS test certificates (apt-get install openssl)")
-        d = self.dir
-        run = lambda *args: subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)  # noqa: E731
-        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "7",
-            "-subj", "/CN=torchrec-hps test CA")
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-            "-subj", f"/CN={HOST}")
-        (d / "ext.cnf").write_text(f"subjectAltName=IP:{HOST}\n")
-        run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", "server.crt", "-days", "7", "-extfile", "ext.cnf")
+        make_test_certificates(self.dir)
 
     @property
     def name(self) -> str:
@@ -311,14 +320,24 @@ class RedisCluster:
 class KafkaBroker:
     """A single KRaft node (broker + controller)."""
 
-    def __init__(self, port: int = KAFKA_PORT, controller_port: int = KAFKA_CONTROLLER_PORT) -> None:
+    def __init__(self, port: int = KAFKA_PORT, controller_port: int = KAFKA_CONTROLLER_PORT,
+                 secure_port: int = KAFKA_SECURE_PORT) -> None:
         self.port = port
         self.controller_port = controller_port
+        self.secure_port = secure_port
         self.dir = STATE / f"kafka-{port}"
 
     @property
     def bootstrap(self) -> str:
         return f"{HOST}:{self.port}"
+
+    @property
+    def secure_bootstrap(self) -> str:
+        return f"{HOST}:{self.secure_port}"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.dir / "tls" / "ca.crt"
 
     @property
     def pidfile(self) -> Path:
@@ -354,10 +373,19 @@ class KafkaBroker:
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.voters": f"1@{HOST}:{self.controller_port}",
-            "listeners": f"PLAINTEXT://{HOST}:{self.port},CONTROLLER://{HOST}:{self.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://{HOST}:{self.port}",
+            # a second listener for the security tests: SASL/SCRAM over TLS (its user is made at format time)
+            "listeners": f"PLAINTEXT://{HOST}:{self.port},CONTROLLER://{HOST}:{self.controller_port},"
+                         f"SASL_SSL://{HOST}:{self.secure_port}",
+            "advertised.listeners": f"PLAINTEXT://{HOST}:{self.port},SASL_SSL://{HOST}:{self.secure_port}",
             "controller.listener.names": "CONTROLLER",
-            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL",
+            "sasl.enabled.mechanisms": "SCRAM-SHA-256",
+            "listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config":
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+            "ssl.keystore.type": "PKCS12",
+            "ssl.keystore.location": str(self.dir / "tls" / "server.p12"),
+            "ssl.keystore.password": KAFKA_KEYSTORE_PASSWORD,
+            "ssl.key.password": KAFKA_KEYSTORE_PASSWORD,
             "inter.broker.listener.name": "PLAINTEXT",
             "log.dirs": str(self.dir / "data"),
             "num.partitions": "4",
@@ -371,6 +399,9 @@ class KafkaBroker:
             "auto.create.topics.enable": "true",
             "message.max.bytes": str(1024 * 1024),
         }
+        if not (self.dir / "tls" / "server.p12").exists():
+            (self.dir / "tls").mkdir(exist_ok=True)
+            make_test_certificates(self.dir / "tls", KAFKA_KEYSTORE_PASSWORD)
         path = self.dir / "server.properties"
         path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
         (self.dir / "log4j2.properties").write_text(
@@ -403,7 +434,8 @@ class KafkaBroker:
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
             out = subprocess.run(
                 self._java() + ["kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
-                                f"--config={config}"],
+                                f"--config={config}",
+                                f"--add-scram=SCRAM-SHA-256=[name={KAFKA_SASL_USER[0]},password={KAFKA_SASL_USER[1]}]"],
                 capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
             if out.returncode != 0:
                 raise ServerError(f"kafka storage format failed:\n{out.stdout}\n{out.stderr}")

@@ -7,6 +7,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 OVERFLOW_POLICIES: Tuple[str, ...] = ("evict_lru", "evict_lfu", "evict_random")
 STORAGE_DTYPES: Tuple[str, ...] = ("float32", "float16")
+KAFKA_SECURITY_PROTOCOLS: Tuple[str, ...] = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+KAFKA_SASL_MECHANISMS: Tuple[str, ...] = ("SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN")
 KEY_PREFIX = "hps_et"  # HugeCTR HPS names tables hps_et.<model>.<table>; we keep the scheme
 
 
@@ -306,14 +308,28 @@ class KafkaConfig:
     group_id: Optional[str] = None  # consumer group; one per node for node-local tiers
     poll_timeout: float = 0.2
     retry_backoff: float = 0.5  # seconds before re-applying a batch whose tier write failed
+    connect_timeout: float = 30.0  # seconds a publisher or consumer waits at start for the brokers to answer
     # rejected update messages (corrupt, or rows no tier may take) are copied here, with their source topic,
     # partition, offset and the reason as headers, before their offsets are committed; None: logged only
     dead_letter_topic: Optional[str] = None
+    # authenticated / encrypted brokers: PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL; SASL by SCRAM-SHA-256 or
+    # -512 (or PLAIN); the password as itself, env:VAR or file:/path (never printed); the CA of the broker's
+    # certificate (default: the system's)
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = "SCRAM-SHA-256"
+    sasl_username: Optional[str] = None
+    sasl_password: Optional[str] = field(default=None, repr=False)
+    ssl_ca_location: Optional[str] = None
     producer: Dict[str, Any] = field(default_factory=dict)  # extra librdkafka settings
     consumer: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_types(self, "kafka")
+        _check_choice("kafka", "security_protocol", self.security_protocol, KAFKA_SECURITY_PROTOCOLS)
+        _check_choice("kafka", "sasl_mechanism", self.sasl_mechanism, KAFKA_SASL_MECHANISMS)
+        if self.security_protocol.startswith("SASL") and not (self.sasl_username and self.sasl_password):
+            raise ValueError(f"kafka.security_protocol {self.security_protocol} needs kafka.sasl_username and "
+                             "kafka.sasl_password (which may be env:VAR or file:/path)")
         if self.max_message_bytes < 1024:
             raise ValueError(f"kafka.max_message_bytes={self.max_message_bytes} is too small (>= 1024)")
         if self.publish_every_steps < 1:
@@ -321,3 +337,13 @@ class KafkaConfig:
 
     def topic(self, model: str, table: str) -> str:
         return f"{self.topic_prefix}.{model}.{table}"
+
+    def client_settings(self) -> Dict[str, Any]:
+        """librdkafka settings every client of the stream shares: brokers, security, credentials."""
+        out: Dict[str, Any] = {"bootstrap.servers": self.bootstrap_servers, "security.protocol": self.security_protocol}
+        if self.security_protocol.startswith("SASL"):
+            out.update({"sasl.mechanism": self.sasl_mechanism, "sasl.username": self.sasl_username,
+                        "sasl.password": resolve_secret(self.sasl_password, "kafka.sasl_password")})
+        if self.ssl_ca_location:
+            out["ssl.ca.location"] = self.ssl_ca_location
+        return out

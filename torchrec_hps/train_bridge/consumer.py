@@ -49,7 +49,7 @@ class UpdateConsumer:
         ensure_topics(config, list(self._table_of_topic))
         group = group_id or config.group_id or f"hps-{model}"
         self._consumer = Consumer({
-            "bootstrap.servers": config.bootstrap_servers, "group.id": group, "enable.auto.commit": False,
+            **config.client_settings(), "group.id": group, "enable.auto.commit": False,
             "auto.offset.reset": "earliest", "enable.partition.eof": False,
             # bigger fetches (fewer round trips when catching up), short broker waits (low latency on a trickle)
             "max.partition.fetch.bytes": 8 * 1024 * 1024, "fetch.wait.max.ms": 10, **config.consumer})
@@ -140,7 +140,7 @@ class UpdateConsumer:
             from torchrec_hps.train_bridge.producer import ensure_topics
 
             ensure_topics(self.config, [topic])
-            self._dlq = Producer({"bootstrap.servers": self.config.bootstrap_servers, "enable.idempotence": True,
+            self._dlq = Producer({**self.config.client_settings(), "enable.idempotence": True,
                                   "acks": "all", "message.max.bytes": self.config.max_message_bytes + 4096,
                                   **self.config.producer})
         failed: List[str] = []

@@ -24,12 +24,42 @@ class PublishError(RuntimeError):
     pass
 
 
-def ensure_topics(config: KafkaConfig, topics: Sequence[str], timeout: float = 30.0) -> Dict[str, int]:
-    """Create missing topics (config.num_partitions each); returns {topic: partition count}."""
+class BrokerError(RuntimeError):
+    """The brokers cannot be reached, or refuse the client's credentials."""
+
+
+def broker_error(config: KafkaConfig, error: Exception) -> BrokerError:
+    """A one-line reason naming the brokers, the protocol and the user (never the password)."""
+    where = f"kafka at {config.bootstrap_servers} ({config.security_protocol})"
+    if "authentication" in str(error).lower() or "sasl" in str(error).lower():
+        return BrokerError(f"{where}: authentication failed for user {config.sasl_username!r} "
+                           f"({config.sasl_mechanism}): check kafka.sasl_username / kafka.sasl_password ({error})")
+    hint = " (no broker answered: down, or not a listener for this security_protocol?)" \
+        if "brokers are down" in str(error) else ""
+    return BrokerError(f"{where}: {error}{hint}")
+
+
+def ensure_topics(config: KafkaConfig, topics: Sequence[str], timeout: Optional[float] = None) -> Dict[str, int]:
+    """Create missing topics (config.num_partitions each); returns {topic: partition count}. Waits up to
+    `timeout` (config.connect_timeout) for the brokers; a refused login or TLS handshake fails at once."""
+    timeout = config.connect_timeout if timeout is None else timeout
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    admin = AdminClient({"bootstrap.servers": config.bootstrap_servers})
-    existing = admin.list_topics(timeout=timeout).topics
+    from confluent_kafka import KafkaException
+
+    errors: List[str] = []  # librdkafka reports a refused login through the error callback, served by poll
+    admin = AdminClient({**config.client_settings(), "error_cb": lambda e: errors.append(str(e)), "logger": logger})
+    deadline = time.monotonic() + timeout
+    while True:  # in short waits, so a refused login fails at once instead of after the whole timeout
+        try:
+            existing = admin.list_topics(timeout=min(1.0, timeout)).topics
+            break
+        except KafkaException as e:
+            admin.poll(0)
+            refused = [m for m in errors if "authentication" in m.lower() or "ssl" in m.lower()]
+            if refused or time.monotonic() > deadline:
+                raise broker_error(config, RuntimeError("; ".join(dict.fromkeys(refused or errors or [str(e)])))
+                                   ) from None
     missing = [t for t in topics if t not in existing]
     if missing:
         futures = admin.create_topics([NewTopic(t, num_partitions=config.num_partitions,
@@ -60,7 +90,7 @@ def snapshot_offsets(config: KafkaConfig, model: str, tables: Sequence[str], tim
 
     topics = [config.topic(model, t) for t in tables]
     counts = ensure_topics(config, topics, timeout)
-    probe = Consumer({"bootstrap.servers": config.bootstrap_servers, "group.id": f"hps-offsets-{model}",
+    probe = Consumer({**config.client_settings(), "group.id": f"hps-offsets-{model}",
                       "enable.auto.commit": False})
     try:
         return {(t, p): probe.get_watermark_offsets(TopicPartition(t, p), timeout=timeout)[1]
@@ -80,7 +110,7 @@ class DeltaPublisher:
         self.tables = list(tables)
         self._partitions = ensure_topics(config, [config.topic(model, t) for t in self.tables])
         self._producer = Producer({
-            "bootstrap.servers": config.bootstrap_servers, "enable.idempotence": True, "acks": "all",
+            **config.client_settings(), "enable.idempotence": True, "acks": "all",
             "linger.ms": 5, "message.max.bytes": config.max_message_bytes + 4096, **config.producer})
         self._lock = threading.Lock()
         self._failed: List[Tuple[str, int, bytes]] = []
