@@ -297,6 +297,8 @@ class RedisCluster:
 
         for node in self.nodes:  # a half-formed cluster from an earlier run: start over
             r = redis.Redis(host=HOST, port=node.port)
+            if r.info("replication").get("role") == "slave":
+                r.execute_command("CLUSTER RESET HARD")  # a replica turns into an empty primary first
             r.flushall()
             r.execute_command("CLUSTER RESET HARD")
         cmd = ["redis-cli", "--cluster", "create", *[f"{HOST}:{n.port}" for n in self.nodes],
