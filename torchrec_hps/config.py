@@ -75,6 +75,10 @@ class MemoryTierConfig:
     num_partitions: int = 4  # independent locks, so concurrent readers and writers rarely meet
     storage_dtype: str = "float32"
     promote: bool = True  # copy rows found in lower tiers up into this tier
+    # a put through the hierarchy (updates from training) overwrites the rows held here and inserts no
+    # others: they are read from the tiers below, and promoted when read (an update stream does not evict
+    # the hot rows); off: every put is written here too
+    update_only_cached: bool = True
     seed: int = 0  # for evict_random
 
     def __post_init__(self) -> None:

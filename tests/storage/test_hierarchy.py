@@ -56,6 +56,7 @@ def test_promotion_is_configurable_per_tier(tier_factory, spec):
 
 
 def test_put_writes_through_every_tier(three_tiers, spec):
+    three_tiers[0].config.update_only_cached = False  # the memory tier takes every put too
     h = StorageHierarchy(three_tiers)
     h.add_tables([spec])
     rows = torch.randn(20, spec.dim)
@@ -68,6 +69,24 @@ def test_put_writes_through_every_tier(three_tiers, spec):
     for tier in three_tiers:
         assert tier.get(spec.key, torch.arange(5))[1].sum() == 0, tier.name
     assert not h.get(spec.key, torch.arange(5)).found.any()
+
+
+def test_a_cache_tier_updates_the_rows_it_holds_and_takes_no_others(three_tiers, spec):
+    """update_only_cached (the memory tier's default): a put overwrites held rows, inserts none (an update
+    stream must not evict the hot rows); the others are read from below, exactly, and promoted when read."""
+    memory = three_tiers[0]
+    h = StorageHierarchy(three_tiers)
+    h.add_tables([spec])
+    h.put(spec.key, torch.arange(20), torch.zeros(20, spec.dim))
+    assert not memory.get(spec.key, torch.arange(20))[1].any()  # nothing inserted by the put
+    h.get(spec.key, torch.arange(5))  # read: promoted into memory
+    assert memory.get(spec.key, torch.arange(5))[1].all()
+    new = torch.randn(20, spec.dim)
+    h.put(spec.key, torch.arange(20), new)
+    got, found = memory.get(spec.key, torch.arange(20))
+    assert found.tolist() == [True] * 5 + [False] * 15
+    torch.testing.assert_close(got[:5], new[:5], rtol=0, atol=0)  # held rows overwritten
+    torch.testing.assert_close(h.get(spec.key, torch.arange(20)).rows, new, rtol=0, atol=0)
 
 
 def test_bad_input_writes_nothing(three_tiers, spec):

@@ -307,14 +307,17 @@ class HPSEngine:
         group, t = self._loc(table)
         group.invalidate(t, np.unique(self._checked_keys(table, keys)))
 
-    def update(self, table: str, keys, rows: torch.Tensor) -> int:
+    def update(self, table: str, keys, rows: torch.Tensor, unique: bool = False) -> int:
         """New rows for ids of `table` (the tiers are written separately, by the caller or the train
-        bridge); cached copies are overwritten in place. Returns how many were cached."""
+        bridge); cached copies are overwritten in place. Returns how many were cached. `unique`: the caller
+        guarantees no repeated ids (saves a sort and a copy of the rows)."""
         group, t = self._loc(table)
         k = self._checked_keys(table, keys)
         dim = group.specs[t].dim
         if rows.shape != (len(k), dim):
             raise ValueError(f"table {table!r}: rows must have shape [{len(k)}, {dim}], got {list(rows.shape)}")
+        if unique:
+            return group.update(t, k, rows.float())
         uk, last = np.unique(k[::-1], return_index=True)  # repeated ids: the last row wins
         return group.update(t, uk, rows[torch.from_numpy(len(k) - 1 - last)].float())
 

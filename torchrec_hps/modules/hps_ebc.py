@@ -89,8 +89,8 @@ class HPSEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def invalidate(self, table: str, keys) -> None:
         self._engine.invalidate(table, keys)
 
-    def update(self, table: str, keys, rows: torch.Tensor) -> int:
-        return self._engine.update(table, keys, rows)
+    def update(self, table: str, keys, rows: torch.Tensor, unique: bool = False) -> int:
+        return self._engine.update(table, keys, rows, unique=unique)
 
     def prefill(self, table: str, keys) -> int:
         return self._engine.prefill(table, keys)

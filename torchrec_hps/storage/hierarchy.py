@@ -226,7 +226,7 @@ class StorageHierarchy:
             self.tiers[bottom].put(table, keys, rows, unique=True)  # raises: nothing written above
             self._clear_pending(bottom, table, k)
             for u in range(bottom - 1, -1, -1):
-                self._write_upper(u, table, k, rows)
+                self._write_upper(u, table, k, rows, held_only=self.tiers[u].update_only_cached)
 
     def delete(self, table: str, keys: torch.Tensor) -> None:
         spec = self.spec(table)
@@ -243,11 +243,12 @@ class StorageHierarchy:
                 except TierWriteError as e:
                     self._add_pending(u, table, e.keys)
 
-    def _write_upper(self, u: int, table: str, k: np.ndarray, rows: torch.Tensor) -> bool:
-        """Put into a tier above the bottom; on failure make sure it serves no stale rows for these keys."""
+    def _write_upper(self, u: int, table: str, k: np.ndarray, rows: torch.Tensor, held_only: bool = False) -> bool:
+        """Put into a tier above the bottom (`held_only`: only rows it holds, see MemoryTierConfig
+        .update_only_cached); on failure make sure it serves no stale rows for these keys."""
         tier = self.tiers[u]
         try:
-            tier.put(table, torch.from_numpy(k), rows, unique=True)
+            tier.put(table, torch.from_numpy(k), rows, unique=True, held_only=held_only)
         except TierWriteError as e:
             with self._stats_lock:
                 self._stats[table].write_errors += len(e.keys)

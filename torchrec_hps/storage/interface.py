@@ -171,9 +171,11 @@ class StorageTier(abc.ABC):
             s.get_seconds += dt
         return torch.from_numpy(rows), torch.from_numpy(found)
 
-    def put(self, table: str, keys: torch.Tensor, rows: torch.Tensor, unique: bool = False) -> None:
+    def put(self, table: str, keys: torch.Tensor, rows: torch.Tensor, unique: bool = False,
+            held_only: bool = False) -> None:
         """Insert or overwrite rows; with repeated keys the last row wins (`unique=True`: the caller
-        guarantees there are none, which saves a sort). Raises TierWriteError on failure."""
+        guarantees there are none, which saves a sort). `held_only`: overwrite only rows the tier holds
+        (a cache above the reference copy). Raises TierWriteError on failure."""
         spec = self.spec(table)
         k = as_key_array(keys, spec)
         r = as_row_array(rows, len(k), spec)
@@ -182,6 +184,11 @@ class StorageTier(abc.ABC):
         if not unique and len(np.unique(k)) != len(k):
             idx = last_occurrence(k)
             k, r = k[idx], r[idx]
+        if held_only:
+            held = self._held(spec, k)
+            k, r = k[held], r[held]
+            if len(k) == 0:
+                return
         t0 = time.perf_counter()
         try:
             self._put(spec, k, r.astype(self.storage_dtype, copy=False))
@@ -191,6 +198,12 @@ class StorageTier(abc.ABC):
                 s.puts += 1
                 s.rows_written += len(k)
                 s.put_seconds += time.perf_counter() - t0
+
+    # which tiers take held_only puts (the hierarchy asks), and which of `keys` a tier holds
+    update_only_cached = False
+
+    def _held(self, spec: TableSpec, keys: np.ndarray) -> np.ndarray:
+        return np.ones(len(keys), dtype=bool)
 
     def delete(self, table: str, keys: torch.Tensor) -> None:
         spec = self.spec(table)

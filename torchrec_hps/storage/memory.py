@@ -102,6 +102,13 @@ class MemoryTier(StorageTier):
     def _create_table(self, spec: TableSpec) -> None:
         self._tables[spec.key] = _Table(spec, self.config, self.storage_dtype)
 
+    @property
+    def update_only_cached(self) -> bool:  # type: ignore[override]
+        return self.config.update_only_cached
+
+    def _held(self, spec: TableSpec, keys: np.ndarray) -> np.ndarray:
+        return self._tables[spec.key].slots_of(keys) >= 0
+
     def capacity(self, table: str) -> int:
         return sum(p.capacity for p in self._tables[self.spec(table).key].parts)
 

@@ -15,10 +15,12 @@ import threading
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from torchrec_hps.config import KafkaConfig
 from torchrec_hps.storage.hierarchy import StorageHierarchy
+from torchrec_hps.storage.interface import last_occurrence
 from torchrec_hps.train_bridge.wire import WireFormatError, decode
 from torchrec_hps.warnings_log import limited
 
@@ -166,7 +168,8 @@ class UpdateConsumer:
         if bool(bad.any()):
             raise WireFormatError(f"table {table!r}: id {int(ids[bad][0])} is out of range [0, {n}) "
                                   f"({int(bad.sum())} of {len(ids)} ids)")
-        if not bool(torch.isfinite(rows).all()):
+        # a row sum is finite unless a value is NaN/inf (or finite values overflow: then the exact check)
+        if not bool(torch.isfinite(rows.sum(1)).all()) and not bool(torch.isfinite(rows).all()):
             raise WireFormatError(f"table {table!r}: rows hold NaN or infinite values")
 
     def _apply(self, per_table: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]]) -> int:
@@ -176,11 +179,16 @@ class UpdateConsumer:
             rows = torch.cat([p[1] for p in parts])
             if len(ids) == 0:
                 continue
-            self.storage.put(f"{self.namespace}.{table}", ids, rows)  # repeated ids: the last (newest) row wins
+            received = len(ids)  # counted as received: a row superseded in the same batch was applied too
+            k = ids.numpy()
+            if len(np.unique(k)) != len(k):  # repeated ids: the last (newest) row wins, deduped once here
+                idx = torch.from_numpy(last_occurrence(k))
+                ids, rows = ids[idx], rows[idx]
+            self.storage.put(f"{self.namespace}.{table}", ids, rows)
             for module in self.modules:
                 if table in {c.name for c in module.embedding_bag_configs()}:
-                    module.update(table, ids, rows)
-            rows_applied += len(ids)
+                    module.update(table, ids, rows, unique=True)
+            rows_applied += received
         return rows_applied
 
     # ---- background loop ----
