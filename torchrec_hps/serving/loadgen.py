@@ -263,7 +263,16 @@ def sequential_round_trips(grpc_target: str, http_target: Optional[str], model: 
             if r.status != 200:
                 raise RuntimeError(f"HTTP {r.status}")
 
+        def ready() -> None:  # a bare round trip through the same stack: the client's and the loop's share
+            conn.request("GET", "/v2/health/ready")
+            r = conn.getresponse()
+            r.read()
+
         record("http", post)
+        record("http_ready", ready)
+        # what an inference adds over a bare HTTP round trip: parsing, checks, the scheduler's queue and
+        # worker thread, scoring and the reply
+        out["http_infer_minus_ready_ms"] = out["http_p50_ms"] - out["http_ready_p50_ms"]
     return out
 
 
