@@ -31,7 +31,7 @@ def test_gpu_and_cpu_workers_serve_exact_scores(tmp_path, namespace):
         cache_ratio=0.1, min_cache_rows=1, hit_rate_threshold=1.0), storage=storage_cfg), devices=gpus + ["cpu"])
     repo.load(ServedModelConfig(name=namespace, path=str(tmp_path / "m.pt"), dense_in_features=DENSE, **ARCH), TABLES)
     server = InferenceServer(ServerConfig(http_port=0, grpc_port=0, scheduler=SchedulerConfig(
-        batch_size=8, offload_threshold=16, cpu_workers=2)), repo, gpu_devices=gpus).start()
+        batch_size=8, offload_threshold=16, cpu_workers=2, prefetch_min_batch=1)), repo, gpu_devices=gpus).start()
     try:
         gen = np.random.default_rng(0)
         queries = [random_query(int(n), gen) for n in gen.integers(1, 64, size=200)]

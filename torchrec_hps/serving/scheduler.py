@@ -141,7 +141,7 @@ class Worker(threading.Thread):
         """The batch after the one about to run, if queries wait: registered for prefetch, so the coming
         forward's lookup brings its rows in while that forward's dense layers run."""
         following = self._prepare(self.queue.take(self.scheduler.batch_limit(self.kind), timeout=0.0))
-        if following is not None:
+        if following is not None and following.dense.shape[0] >= self.scheduler.config.prefetch_min_batch:
             modules = following.slices[0].query.served.modules_on(self.device)
             if len(modules) == 1:  # one HPS module takes the model's whole KJT (DLRM's sparse arch)
                 try:
