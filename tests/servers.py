@@ -283,11 +283,6 @@ class RedisCluster:
         except Exception:
             return False
 
-    def primaries(self) -> List["RedisServer"]:
-        import redis
-
-        return [n for n in self.nodes if redis.Redis(host=HOST, port=n.port).info("replication")["role"] == "master"]
-
     def start(self, take_over: bool = True) -> None:
         for node in self.nodes:
             node.start(fresh=True, take_over=take_over)

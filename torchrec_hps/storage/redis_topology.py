@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 NUM_SLOTS = 16384
 
@@ -33,7 +33,6 @@ class ClusterTopology:
         self._stale_until: Dict[str, float] = {}  # primary -> replicas not to read until then
         self._turn = 0
         self._last_refresh = 0.0
-        self.refreshes = 0
         self.known: List[str] = []  # every node seen, primaries and replicas
 
     def refresh(self, prefer_last: Sequence[str] = ()) -> None:
@@ -57,7 +56,6 @@ class ClusterTopology:
                     replicas[p] = tuple(_addr(r) for r in rest)
                 self.owner, self.replicas = owner, replicas
                 self.known = list(dict.fromkeys(seen + list(replicas) + [r for rs in replicas.values() for r in rs]))
-                self.refreshes += 1
                 return
             from torchrec_hps.storage.interface import TierError
 
@@ -83,6 +81,3 @@ class ClusterTopology:
 
     def replica_count(self, primary: str) -> int:
         return len(self.replicas.get(primary, ()))
-
-    def primaries(self) -> Optional[List[str]]:
-        return sorted(self.replicas) or None

@@ -132,8 +132,7 @@ class RocksDBTier(StorageTier):
 
         wb = WriteBatch(raw_mode=True)
         wb.set_default_column_family(self._handles[spec.key])
-        for k in _key_list(keys):
-            wb.delete(k)
+        deque(map(wb.delete, _key_list(keys)), maxlen=0)
         try:
             self._db.write(wb)
         except Exception as e:
