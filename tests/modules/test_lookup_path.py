@@ -12,7 +12,7 @@ from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec_hps.config import CacheConfig, HPSConfig, MemoryTierConfig, RocksDBTierConfig, StorageConfig
 from torchrec_hps.modules import HPSEmbeddingBagCollection
 from torchrec_hps.modules.cache import cache_group
-from torchrec_hps.modules.cache.layout import FLAG_INVALID, FLAG_LAYOUT, FLAG_MISS, NO_ROW, RESERVED_SLOTS
+from torchrec_hps.modules.cache.layout import ADMISSION, FLAG_INVALID, FLAG_LAYOUT, FLAG_MISS, NO_ROW, RESERVED_SLOTS
 from torchrec_hps.storage import StorageHierarchy
 from tests.modules.conftest import SUM_TABLES, TABLES, random_kjt
 
@@ -173,6 +173,38 @@ def test_hbm_rows_left_by_the_host_level_are_dropped(make_hps, monkeypatch):
     assert sum(hps.stats()[t.name]["evicted"] for t in SUM_TABLES) > 0
     hps.invalidate("t3", torch.arange(500))
     assert check_hbm_level(_group(hps)) >= 0 and len(hps.cached_keys("t3")) == 0
+
+
+@pytest.mark.parametrize("ratio", [0.1, 1.0])
+def test_an_hbm_level_holding_the_whole_host_level_is_written_on_insert(make_hps, monkeypatch, ratio):
+    """HBM with a row for every host entry: inserts copy into both levels, lookups admit nothing (no sort,
+    select or copy), and every id the host level holds is served from HBM."""
+    monkeypatch.setattr(cache_group, "HBM_LEVEL_ON_CPU", True)
+    ref, hps = make_hps(SUM_TABLES, cache=_cache(ratio, host_cache_ratio=ratio))
+    group = _group(hps)
+    assert group.hbm.direct and group.probe_tables.admission == ADMISSION["never"]
+    gen = torch.Generator().manual_seed(8)
+
+    def served():
+        st = hps.stats()
+        return (sum(st[t.name]["ids"] for t in SUM_TABLES), sum(st[t.name]["hits"] for t in SUM_TABLES))
+
+    for _ in range(8):
+        kjt = random_kjt(SUM_TABLES, 64, gen=gen)
+        torch.testing.assert_close(hps(kjt).values(), ref(kjt).values().detach(), rtol=1e-5, atol=1e-5)
+        assert check_hbm_level(group) == int((group.index.keys >= 0).sum())  # every host entry, no more
+        ids0, hits0 = served()
+        torch.testing.assert_close(hps(kjt).values(), ref(kjt).values().detach(), rtol=1e-5, atol=1e-5)
+        ids1, hits1 = served()
+        held = sum(int(np.isin(kjt[f].values().numpy(), hps.cached_keys(t.name)).sum())
+                   for t in SUM_TABLES for f in t.feature_names)
+        assert ids1 - ids0 == kjt.values().numel() and hits1 - hits0 == held  # every held id from HBM
+        if ratio == 1.0:
+            assert held == kjt.values().numel()
+    if ratio < 1.0:
+        assert sum(hps.stats()[t.name]["evicted"] for t in SUM_TABLES) > 0  # the HBM rows went with them
+    hps.update("t3", torch.tensor([0, 1, 2]), torch.full((3, SUM_TABLES[-1].embedding_dim), 5.0))
+    check_hbm_level(group)
 
 
 def test_hashed_ids(tmp_path, namespace):

@@ -9,18 +9,19 @@ import sys
 import torch
 
 
-def _two_levels(lfu: bool, hbm: bool, admission: int):
-    """A host index of 4 tables (one direct-mapped) with ids inserted, and an HBM level holding some."""
+def _two_levels(lfu: bool, hbm: bool, admission: int, all_direct: bool = False, touch: bool = True):
+    """A host index of 4 tables (one direct-mapped, or all: the probe's one-key path) with ids inserted, and an
+    HBM level holding some."""
     from torchrec_hps.modules.cache.hbm_level import HBMLevel, HostRowLayout
     from torchrec_hps.modules.cache.probe_kernel import ProbeTables
     from torchrec_hps.modules.cache.set_index import SetIndex
 
     g = torch.Generator().manual_seed(0)
     rows = [200, 60, 500, 30]
-    caps = [48, 60, 96, 16]
-    index = SetIndex(caps, torch.device("cpu"), lfu=lfu, whole=[False, True, False, False])
+    caps = rows if all_direct else [48, 60, 96, 16]
+    index = SetIndex(caps, torch.device("cpu"), lfu=lfu, whole=[True] * 4 if all_direct else [False, True, False, False])
     for t, (r, c) in enumerate(zip(rows, caps)):
-        ids = torch.randperm(r, generator=g)[:c - 8] if t != 1 else torch.arange(r)
+        ids = torch.randperm(r, generator=g)[:c - 8] if (t != 1 or all_direct) else torch.arange(r)
         index.insert(torch.full_like(ids, t), ids, tick=3, protect_tick=3)
     index.ticks[index.keys >= 0] = torch.randint(1, 6, (int((index.keys >= 0).sum()),), generator=g,
                                                  dtype=torch.int32)
@@ -53,7 +54,8 @@ def _two_levels(lfu: bool, hbm: bool, admission: int):
         feature_direct=per_feature(index.direct[ft].tolist(), 0).to(torch.bool),
         keys=index.keys, ticks=index.ticks, freq=index.freq,
         hbm_of_host=level.hbm_of_host if level else None, hbm_ticks=level.ticks if level else None,
-        admission=admission)
+        admission=admission, all_direct=all_direct, touch=touch)
+    assert bool(index.direct.all()) == all_direct
     return index, level, layout, tables, ft
 
 
@@ -80,16 +82,17 @@ def check_probe_and_admission() -> None:
 
     g = torch.Generator().manual_seed(2)
     seen_flags, admitted, staged = set(), 0, 0
-    for trial in range(8):
+    for trial in range(11):  # the last three: every table direct-mapped (the last recording no use)
         lfu, hbm = trial % 2 == 1, trial % 4 != 3
         admission = [ADMIT_ALWAYS, ADMIT_SECOND, ADMIT_ALWAYS, ADMIT_NEVER][trial % 4]
-        index, level, layout, tables, ft = _two_levels(lfu, hbm, admission)
+        index, level, layout, tables, ft = _two_levels(lfu, hbm, admission, all_direct=trial >= 8,
+                                                       touch=trial != 10)
         bucket, n_features = 1024, len(ft)
         n = int(torch.randint(1, bucket, (1,), generator=g))
         ends = torch.minimum(torch.randint(0, n + 1, (n_features,), generator=g).cumsum(0), torch.tensor(n))
         ends[-1] = n
         # each position's id: mostly one its table holds, else random (misses; bad ids on odd trials);
-        # the last two trials only held ids (all hits)
+        # trials 6 and 7 only held ids (all hits)
         fidx = torch.searchsorted(ends, torch.arange(bucket), right=True).clamp(max=n_features - 1)
         values = torch.randint(-2 if trial % 2 else 0, 30, (bucket,), generator=g)
         for f, t in enumerate(ft):
@@ -97,7 +100,7 @@ def check_probe_and_admission() -> None:
             held = held[held >= 0]
             at = fidx == f
             pick = held[torch.randint(0, len(held), (int(at.sum()),), generator=g)]
-            keep = torch.rand(len(pick), generator=g) < (1.0 if trial >= 6 else 0.7)
+            keep = torch.rand(len(pick), generator=g) < (1.0 if trial in (6, 7) else 0.7)
             values[at] = torch.where(keep, pick, values[at])
         scalars = torch.tensor([n, 9, 1, 6])
         state = _clone_state(index, level)
@@ -129,7 +132,7 @@ def check_probe_and_admission() -> None:
                     hl._apply_kernel[(2,)](out.cand, out.cand_count, scalars, victims, level.tags, level.ticks,
                                            level.hbm_of_host, level.capacity, layout.words, layout.entry_base, layout.word_offset,
                                            layout.row_words, 4, level.row_words, level.row_words.shape[1],
-                                           ITERS=triton.cdiv(blocks, 2), SEARCH_STEPS=3, MAX_WORDS=8,
+                                           triton.cdiv(blocks, 2), SEARCH_STEPS=3, MAX_WORDS=8,
                                            BLOCK_SIZE=hl.COPY_BLOCK)
                     hl._relocate_kernel[(1,)](out.entries, out.locs, level.hbm_of_host, bucket, BLOCK_SIZE=1024)
                 else:
@@ -190,7 +193,7 @@ def check_offsets() -> None:
                 assert torch.equal(dev_scalars, scalars), "the scalars were not copied"
                 ok._offsets_kernel[grid](lengths, lengths.numel(), scratch.chunk_sums, scratch.chunk_neg,
                                          scratch.n_chunks, dev_scalars, offsets, ends, batch, flags, LAYOUT=ok.FLAG_LAYOUT,
-                                         CH=ok.CHUNK, MAX_CHUNKS=triton.next_power_of_2(scratch.n_chunks))
+                                         CH=ok.CHUNK, SUMS=4)  # narrow: several rounds
                 ok._commit_counts_kernel[(1,)](flags, dev_scalars, counts, n_features, totals, 3, table, flags_out,
                                                COPY_OUT=True, F_BLOCK=triton.next_power_of_2(n_features))
             else:

@@ -138,7 +138,10 @@ def gather(slices: Sequence[Slice], signature: ModelSignature) -> Batch:
     return Batch(dense=dense, features=kjt, slices=list(slices))
 
 
-def padded(batch: Batch, minimum: int = 64) -> Batch:
+MIN_GPU_BATCH = 64  # the smallest padded GPU batch
+
+
+def padded(batch: Batch, minimum: int = MIN_GPU_BATCH) -> Batch:
     """The batch padded to a power of two of samples (zero dense rows, bags with no ids; their scores are
     dropped by scatter): a GPU worker's lookups then come in a few sizes, each with its captured CUDA graph,
     instead of a new capture for every coalesced size."""

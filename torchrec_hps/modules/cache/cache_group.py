@@ -122,6 +122,10 @@ class TBECacheGroup(EmbeddingCacheGroup):
             return torch.tensor(list(values) + [dummy], dtype=torch.int64, device=device)
 
         self.feature_table = torch.tensor(ft, dtype=torch.int64, device=device)
+        # every table held whole and an HBM row for every entry: nothing is evicted or admitted, so
+        # lookups record no use (ticks) and admit nothing (the HBM level is written on insert)
+        all_direct = bool(self.index.direct[ft].all())
+        hbm_whole = self.hbm is not None and self.hbm.direct
         self.probe_tables = ProbeTables(
             feature_rows=per_feature(bound, 0),
             feature_set_base=per_feature(self.index.set_base[ft].tolist(), 0),
@@ -130,7 +134,9 @@ class TBECacheGroup(EmbeddingCacheGroup):
             feature_direct=per_feature(self.index.direct[ft].tolist(), 0).to(torch.bool),
             keys=self.index.keys, ticks=self.index.ticks, freq=self.index.freq,
             hbm_of_host=self.hbm.hbm_of_host if self.hbm else None, hbm_ticks=self.hbm.ticks if self.hbm else None,
-            admission=ADMISSION[config.admission])
+            # HBM holding the whole host level is written with it (insert_rows): lookups admit nothing
+            admission=ADMISSION["never"] if hbm_whole else ADMISSION[config.admission],
+            all_direct=all_direct, touch=not (all_direct and (hbm_whole or self.hbm is None)))
         # per table: ids looked up, ids not served from HBM (the host level on CPU), ids in neither level,
         # distinct hits; counted on the device as lookups go
         self.totals = torch.zeros(4, len(self.specs), dtype=torch.int64, device=device)
@@ -165,7 +171,7 @@ class TBECacheGroup(EmbeddingCacheGroup):
                        allow_invalid: bool) -> Optional[torch.Tensor]:
         # the lookup of a batch just prefetched is not counted again (the prefetch counted its misses)
         count = self._prefetched_batch != (values.numel(), lengths.numel())
-        self._prefetched_batch = None
+        self.__dict__["_prefetched_batch"] = None  # not nn.Module.__setattr__ (microseconds per lookup)
         self._next_tick()
         out, flags, shape = self.path.run(values, lengths, per_sample_weights, self._tick, count, allow_invalid)
         if flags & FLAG_LAYOUT or (flags & FLAG_INVALID and not allow_invalid):
@@ -200,7 +206,7 @@ class TBECacheGroup(EmbeddingCacheGroup):
             clean = self._after_prefetch() == 0
             if not (clean and undisturbed):
                 return self._lookup_locked(pre.values, pre.lengths, pre.weights, allow_invalid=False)
-            self._prefetched_batch = None
+            self.__dict__["_prefetched_batch"] = None
             n = pre.values.numel()
             out = self.pooled_lookup(pre.shape.slots[:n], pre.shape.offsets, pre.weights, pre.shape.probe_out.locs[:n])
             self.prefetch_reused += 1
@@ -239,7 +245,7 @@ class TBECacheGroup(EmbeddingCacheGroup):
         if flags & FLAG_MISS and not flags & FLAG_LAYOUT:
             fetch_misses(self, shape, values.numel())
             self.path.run(values, lengths, weights, self._tick, False, True, prefetch=True, rerun=True)
-        self._prefetched_batch = (values.numel(), lengths.numel())
+        self.__dict__["_prefetched_batch"] = (values.numel(), lengths.numel())
         self.prefetches += 1
 
     def _launch_prefetch(self) -> None:
@@ -257,7 +263,7 @@ class TBECacheGroup(EmbeddingCacheGroup):
             self._prefetched.record(self._side)
         pre.tick, pre.marks = self._tick, self._marks
         self._inflight = pre
-        self._prefetched_batch = (pre.values.numel(), pre.lengths.numel())
+        self.__dict__["_prefetched_batch"] = (pre.values.numel(), pre.lengths.numel())
         self.prefetches += 1
 
     def _after_prefetch(self) -> int:

@@ -94,7 +94,7 @@ class HBMLevel:
             programs = min(blocks, copy_programs or blocks)
             _apply_kernel[(programs,)](cand, cand_count, scalars, victims, self.tags, self.ticks, self.hbm_of_host,
                                 self.capacity, host.words, host.entry_base, host.word_offset, host.row_words, n_tables,
-                                self.row_words, self.row_words.shape[1], ITERS=triton.cdiv(blocks, programs),
+                                self.row_words, self.row_words.shape[1], triton.cdiv(blocks, programs),
                                 SEARCH_STEPS=max(1, n_tables.bit_length() + 1),
                                 MAX_WORDS=triton.next_power_of_2(host.max_row_words), BLOCK_SIZE=block)
         relocate(entries, locs, self.hbm_of_host)
@@ -241,21 +241,25 @@ if triton is not None:
         victim = tl.where(left & (slot < n_staging), capacity + slot, victim)
         tl.store(victims_ptr + c, victim.to(tl.int32), mask=valid)
 
-    @triton.jit
+    # `iters` is a runtime value, not specialized: as a constant it compiled a kernel for every candidate
+    # buffer size a bounded (prefetch) grid met, each compile holding the serving queue for a second
+    @triton.jit(do_not_specialize=["iters"])
     def _apply_kernel(cand_ptr, cand_count_ptr, scalars_ptr, victims_ptr, tags_ptr, ticks_ptr, hbm_of_host_ptr,
                       capacity, host_words_ptr, entry_base_ptr, word_offset_ptr, row_words_ptr, n_tables, hbm_words_ptr,
-                      hbm_row_stride, ITERS: tl.constexpr, SEARCH_STEPS: tl.constexpr, MAX_WORDS: tl.constexpr,
+                      hbm_row_stride, iters, SEARCH_STEPS: tl.constexpr, MAX_WORDS: tl.constexpr,
                       BLOCK_SIZE: tl.constexpr):
         count = tl.load(cand_count_ptr)
         tick = tl.load(scalars_ptr + 1).to(tl.int32)
-        # grid-stride over the candidate buffer (ITERS rounds cover it; a constant, so Triton's interpreter runs
-        # the loop too): a bounded grid (a prefetch's) walks every candidate; rounds past the count do nothing
-        for it in range(ITERS):
+        # grid-stride over the candidate buffer in `iters` rounds: a bounded grid (a prefetch's) walks every
+        # candidate; rounds past the count do nothing (a while loop: Triton's interpreter runs it too)
+        it = 0
+        while it < iters:
             c = (it * tl.num_programs(0) + tl.program_id(0)) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
             if tl.max((c < count).to(tl.int32), axis=0) > 0:
                 _apply_block(c, count, tick, cand_ptr, victims_ptr, tags_ptr, ticks_ptr, hbm_of_host_ptr, capacity,
                              host_words_ptr, entry_base_ptr, word_offset_ptr, row_words_ptr, n_tables, hbm_words_ptr,
                              hbm_row_stride, SEARCH_STEPS, MAX_WORDS, BLOCK_SIZE)
+            it += 1
 
     @triton.jit
     def _apply_block(c, count, tick, cand_ptr, victims_ptr, tags_ptr, ticks_ptr, hbm_of_host_ptr, capacity,

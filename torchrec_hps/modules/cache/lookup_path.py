@@ -122,10 +122,11 @@ class Shape:
                            self.offsets, self.ends, o.flags, self.scratch)
         o.counts.zero_()
         o.cand_count.zero_()
-        if g.hbm is not None:
+        admits = g.hbm is not None and not g.hbm.direct  # an HBM holding every entry is filled on insert
+        if admits:
             o.cand.fill_(CAND_PAD)
         probe(self.values, self.scalars, self.ends, g.probe_tables, o)
-        if g.hbm is not None:
+        if admits:
             g.hbm.admit(o.cand, o.cand_count, self.victims, self.scalars, g.host_rows.layout, o.entries, o.locs,
                         copy_programs=PREFETCH_COPY_PROGRAMS if self.prefetch else None,
                         copy_block=prefetch_copy_block(g.host_rows.layout.max_row_words) if self.prefetch else 0)

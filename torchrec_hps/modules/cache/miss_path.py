@@ -41,8 +41,12 @@ def fetch_misses(g: "TBECacheGroup", shape: "Shape", n: int) -> Dict[int, Overfl
     miss = valid & (shape.entries[:n] < 0)
     pairs = torch.unique(torch.stack([g.feature_table[fidx[miss]], values[miss]]), dim=1)  # sorted (table, id)
     n_tables = len(g.specs)
-    hits = torch.zeros(n_tables, dtype=torch.int64, device=values.device).index_add_(0, g.feature_table,
-                                                                                    shape.counts[3])
+    if g.probe_tables.touch:  # distinct hits, counted by the probe
+        hits = torch.zeros(n_tables, dtype=torch.int64, device=values.device).index_add_(0, g.feature_table,
+                                                                                        shape.counts[3])
+    else:  # the probe records no use: the lookup's distinct entries, here on the miss path only
+        held = torch.unique(shape.entries[:n][shape.entries[:n] >= 0].to(torch.int64))
+        hits = torch.bincount(torch.searchsorted(g.index.entry_base, held, right=True) - 1, minlength=n_tables)
     pairs_h, hits_h = pairs.cpu().numpy(), hits.cpu().numpy()
     n_miss = np.bincount(pairs_h[0], minlength=n_tables)
     starts = np.concatenate([[0], np.cumsum(n_miss)])
@@ -102,6 +106,8 @@ def insert_rows(g: "TBECacheGroup", batch: Sequence[Tuple[int, np.ndarray, torch
             order = np.argsort(keys[left], kind="stable")
             overflow[t] = (keys[left][order], rows_full[torch.from_numpy(left)][torch.from_numpy(order)])
         lo = hi
+    if g.hbm is not None and g.hbm.direct:  # an HBM row for every entry: written with the host row, so
+        g.hbm.fill(entries[fits.to(entries.device)], g._tick, g.host_rows.layout)  # lookups never admit
     return overflow
 
 

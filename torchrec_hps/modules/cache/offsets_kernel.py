@@ -22,6 +22,7 @@ except ImportError:  # pragma: no cover
     triton = None
 
 CHUNK = 1024
+CHUNK_SUMS = 1024  # chunk sums read per round of the prefix
 
 
 def offsets_and_checks_torch(lengths: torch.Tensor, scalars: torch.Tensor, n_features: int, batch: int,
@@ -67,10 +68,15 @@ if triton is not None:
     @triton.jit
     def _offsets_kernel(lengths_ptr, total, chunk_sums_ptr, chunk_neg_ptr, n_chunks, scalars_ptr, offsets_ptr,
                         ends_ptr, batch, flags_ptr, LAYOUT: tl.constexpr, CH: tl.constexpr,
-                        MAX_CHUNKS: tl.constexpr):
+                        SUMS: tl.constexpr):
+        # the earlier chunks' sums, SUMS at a time (a fixed width: one compiled kernel for every batch size)
         pid = tl.program_id(0)
-        c = tl.arange(0, MAX_CHUNKS)
-        prefix = tl.sum(tl.load(chunk_sums_ptr + c, mask=c < pid, other=0), axis=0)
+        prefix = tl.zeros([], dtype=tl.int64)
+        start = 0
+        while start < pid:
+            c = start + tl.arange(0, SUMS)
+            prefix += tl.sum(tl.load(chunk_sums_ptr + c, mask=c < pid, other=0), axis=0)
+            start += SUMS
         n = tl.load(scalars_ptr)
         idx = pid * CH + tl.arange(0, CH)
         live = idx < total
@@ -84,7 +90,12 @@ if triton is not None:
         tl.store(ends_ptr + (idx + 1) // batch - 1, off, mask=is_end)
         if pid == n_chunks - 1:
             total_ids = tl.max(tl.where(live, inclusive, 0), axis=0)
-            negative = tl.max(tl.load(chunk_neg_ptr + c, mask=c < n_chunks, other=0), axis=0)
+            negative = tl.zeros([], dtype=tl.int32)
+            start = 0
+            while start < n_chunks:
+                c = start + tl.arange(0, SUMS)
+                negative = tl.maximum(negative, tl.max(tl.load(chunk_neg_ptr + c, mask=c < n_chunks, other=0), axis=0))
+                start += SUMS
             bad = (total_ids != n) | (negative > 0)
             tl.atomic_or(flags_ptr, bad.to(tl.int32) * LAYOUT)
 
@@ -131,8 +142,7 @@ def offsets_and_checks(lengths: torch.Tensor, scalars_src: torch.Tensor, scalars
     _chunk_sums_kernel[grid](lengths, total, scratch.chunk_sums, scratch.chunk_neg, flags, scalars_src, scalars,
                              CH=CHUNK)
     _offsets_kernel[grid](lengths, total, scratch.chunk_sums, scratch.chunk_neg, scratch.n_chunks, scalars, offsets,
-                          ends, batch, flags, LAYOUT=FLAG_LAYOUT, CH=CHUNK,
-                          MAX_CHUNKS=triton.next_power_of_2(scratch.n_chunks))
+                          ends, batch, flags, LAYOUT=FLAG_LAYOUT, CH=CHUNK, SUMS=CHUNK_SUMS)
 
 
 def commit_counts(flags: torch.Tensor, scalars: torch.Tensor, counts: torch.Tensor, totals: torch.Tensor,

@@ -29,6 +29,7 @@ except ImportError:  # pragma: no cover
     triton = None
 
 BLOCK = 128
+BLOCK_DIRECT = 512
 
 
 @dataclass
@@ -47,6 +48,10 @@ class ProbeTables:
     hbm_of_host: Optional[torch.Tensor]  # int32 [entries]
     hbm_ticks: Optional[torch.Tensor]  # int32 [HBM rows]
     admission: int = ADMIT_NEVER
+    all_direct: bool = False  # every table direct-mapped: the kernel reads one key per id, no set
+    # record use (ticks, LFU counts, HBM ticks, first touches, candidates): needed unless nothing is ever
+    # evicted or admitted (every table held whole and an HBM row for every entry)
+    touch: bool = True
 
 
 @dataclass
@@ -88,6 +93,16 @@ def probe_torch(values: torch.Tensor, scalars: torch.Tensor, ends: torch.Tensor,
     loc = torch.full_like(sets, NO_ROW)
     if t.hbm_of_host is not None:
         loc = torch.where(hit, t.hbm_of_host[entry.clamp(min=0)].to(torch.int64), loc)
+    out.slots.copy_(slot.to(torch.int32))
+    out.locs.copy_(loc.to(torch.int32))
+    out.entries.copy_(entry.to(torch.int32))
+    bits = (valid & ~hit).any().to(torch.int32) * FLAG_MISS + (live & ~valid).any().to(torch.int32) * FLAG_INVALID
+    out.flags.bitwise_or_(bits.view(1))
+    f = fidx.clamp(max=n_features)  # n_features: the dummy bin, dropped
+    for row, mask in enumerate((live, valid & (loc < 0), valid & ~hit)):
+        out.counts[row] += torch.bincount(f[mask], minlength=n_features + 1)[:n_features]
+    if not t.touch:
+        return
     # first touches in this lookup: distinct entries whose tick was not yet this tick
     hpos = torch.nonzero(hit).view(-1)
     he = entry[hpos]
@@ -110,14 +125,6 @@ def probe_torch(values: torch.Tensor, scalars: torch.Tensor, ends: torch.Tensor,
         c0 = int(out.cand_count[0])
         out.cand[c0:c0 + new.numel()] = new
         out.cand_count += new.numel()
-    out.slots.copy_(slot.to(torch.int32))
-    out.locs.copy_(loc.to(torch.int32))
-    out.entries.copy_(entry.to(torch.int32))
-    bits = (valid & ~hit).any().to(torch.int32) * FLAG_MISS + (live & ~valid).any().to(torch.int32) * FLAG_INVALID
-    out.flags.bitwise_or_(bits.view(1))
-    f = fidx.clamp(max=n_features)  # n_features: the dummy bin, dropped
-    for row, mask in enumerate((live, valid & (loc < 0), valid & ~hit)):
-        out.counts[row] += torch.bincount(f[mask], minlength=n_features + 1)[:n_features]
     out.counts[3] += torch.bincount(f[hpos[first]], minlength=n_features + 1)[:n_features]
 
 
@@ -145,7 +152,7 @@ if triton is not None:
                       entry_base_ptr, direct_ptr, keys_ptr, ticks_ptr, freq_ptr, hbm_of_host_ptr, hbm_ticks_ptr, slots_ptr,
                       locs_ptr, entries_ptr, cand_ptr, cand_count_ptr, flags_ptr, counts_ptr, bucket,
                       SEARCH_STEPS: tl.constexpr, LFU: tl.constexpr, HBM: tl.constexpr, ADMIT: tl.constexpr,
-                      W: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                      ALL_DIRECT: tl.constexpr, TOUCH: tl.constexpr, W: tl.constexpr, BLOCK_SIZE: tl.constexpr):
         pos = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         in_bucket = pos < bucket
         n = tl.load(scalars_ptr)
@@ -165,34 +172,40 @@ if triton is not None:
         rows = tl.load(rows_ptr + fidx, mask=in_bucket, other=0)
         valid = live & (v >= 0) & (v < rows)
         safe = tl.where(valid, v, 0)
-        h = (safe ^ (safe >> 31)) * _MUL
-        h = (h ^ (h >> 29)) & _MASK
-        direct = tl.load(direct_ptr + fidx, mask=in_bucket, other=0) != 0
-        h = tl.where(direct, safe // W, h)
-        n_sets = tl.load(n_sets_ptr + fidx, mask=in_bucket, other=1)
-        sets = tl.load(set_base_ptr + fidx, mask=in_bucket, other=0) + h % n_sets
-        ways = tl.arange(0, W)
-        # a direct-mapped table keeps id k in way k % W: read that one key, not the whole set
-        lanes = valid[:, None] & ((~direct)[:, None] | (ways[None, :] == (safe % W)[:, None]))
-        keys = tl.load(keys_ptr + sets[:, None] * W + ways[None, :], mask=lanes, other=-1)
-        match = (keys == safe[:, None]) & valid[:, None]
-        way = tl.max(tl.where(match, ways[None, :], -1), axis=1)
-        hit = way >= 0
-        entry = tl.where(hit, sets * W + way, -1)
+        if ALL_DIRECT:  # id k of a direct-mapped table is entry set_base * W + k (set k // W, way k % W)
+            at = tl.load(set_base_ptr + fidx, mask=in_bucket, other=0) * W + safe
+            hit = valid & (tl.load(keys_ptr + at, mask=valid, other=-1) == safe)
+            entry = tl.where(hit, at, -1)
+        else:
+            h = (safe ^ (safe >> 31)) * _MUL
+            h = (h ^ (h >> 29)) & _MASK
+            direct = tl.load(direct_ptr + fidx, mask=in_bucket, other=0) != 0
+            h = tl.where(direct, safe // W, h)
+            n_sets = tl.load(n_sets_ptr + fidx, mask=in_bucket, other=1)
+            sets = tl.load(set_base_ptr + fidx, mask=in_bucket, other=0) + h % n_sets
+            ways = tl.arange(0, W)
+            # a direct-mapped table keeps id k in way k % W: read that one key, not the whole set
+            lanes = valid[:, None] & ((~direct)[:, None] | (ways[None, :] == (safe % W)[:, None]))
+            keys = tl.load(keys_ptr + sets[:, None] * W + ways[None, :], mask=lanes, other=-1)
+            match = (keys == safe[:, None]) & valid[:, None]
+            way = tl.max(tl.where(match, ways[None, :], -1), axis=1)
+            hit = way >= 0
+            entry = tl.where(hit, sets * W + way, -1)
         slot = tl.where(hit, _RESERVED + entry - tl.load(entry_base_ptr + fidx, mask=in_bucket, other=0),
                         _DEFAULT)
         loc = tl.full([BLOCK_SIZE], _NO_ROW, tl.int32)
         if HBM:
             loc = tl.where(hit, tl.load(hbm_of_host_ptr + entry, mask=hit, other=_NO_ROW), _NO_ROW)
-        # touch: read first (hot ids repeat within a lookup), exchange only where the tick changes; the
-        # exchange says which position touched the entry first in this lookup
-        seen = tl.load(ticks_ptr + entry, mask=hit, other=0)
-        need = hit & (seen != tick)
-        old = tl.atomic_xchg(ticks_ptr + entry, tl.full([BLOCK_SIZE], 0, tl.int32) + tick, mask=need)
-        first = need & (old != tick)
-        if LFU:
+        if TOUCH:
+            # read first (hot ids repeat within a lookup), exchange only where the tick changes; the
+            # exchange says which position touched the entry first in this lookup
+            seen = tl.load(ticks_ptr + entry, mask=hit, other=0)
+            need = hit & (seen != tick)
+            old = tl.atomic_xchg(ticks_ptr + entry, tl.full([BLOCK_SIZE], 0, tl.int32) + tick, mask=need)
+            first = need & (old != tick)
+        if TOUCH and LFU:
             tl.atomic_add(freq_ptr + entry, tl.full([BLOCK_SIZE], 1, tl.int32), mask=hit)
-        if HBM:
+        if TOUCH and HBM:
             in_hbm = hit & (loc >= 0)
             hseen = tl.load(hbm_ticks_ptr + loc, mask=in_hbm, other=0)
             tl.store(hbm_ticks_ptr + loc, tl.full([BLOCK_SIZE], 0, tl.int32) + tick, mask=in_hbm & (hseen != tick))
@@ -215,7 +228,8 @@ if triton is not None:
         _count(counts_ptr, fidx, live, n_features)
         _count(counts_ptr + n_features, fidx, valid & (loc < 0), n_features)
         _count(counts_ptr + 2 * n_features, fidx, valid & (~hit), n_features)
-        _count(counts_ptr + 3 * n_features, fidx, first, n_features)
+        if TOUCH:
+            _count(counts_ptr + 3 * n_features, fidx, first, n_features)
 
 
 def probe(values: torch.Tensor, scalars: torch.Tensor, ends: torch.Tensor, t: ProbeTables, out: ProbeOut) -> None:
@@ -230,10 +244,12 @@ def launch_probe(values, scalars, ends, t: ProbeTables, out: ProbeOut) -> None:
     bucket = out.slots.numel()
     n_features = ends.numel()
     hbm = t.hbm_of_host is not None
-    _probe_kernel[(triton.cdiv(bucket, BLOCK),)](
+    # the one-key path keeps little per id: wider programs, fewer of the per-program counter atomics
+    block = BLOCK_DIRECT if t.all_direct else BLOCK
+    _probe_kernel[(triton.cdiv(bucket, block),)](
         values, scalars, ends, n_features, t.feature_rows, t.feature_set_base, t.feature_n_sets,
         t.feature_entry_base, t.feature_direct, t.keys, t.ticks, t.freq if t.freq is not None else t.ticks,
         t.hbm_of_host if hbm else t.ticks, t.hbm_ticks if hbm else t.ticks, out.slots, out.locs, out.entries,
         out.cand, out.cand_count, out.flags, out.counts, bucket,
         SEARCH_STEPS=max(1, int(n_features).bit_length() + 1), LFU=t.freq is not None, HBM=hbm, ADMIT=t.admission,
-        W=WAYS, BLOCK_SIZE=BLOCK)
+        ALL_DIRECT=t.all_direct, TOUCH=t.touch, W=WAYS, BLOCK_SIZE=block)
