@@ -165,6 +165,8 @@ class RocksDBTierConfig:
     read_threads: int = 2  # multi-gets are split over threads (rocksdict releases the GIL)
     storage_dtype: str = "float32"
     promote: bool = False  # the bottom tier: nothing lower to promote from
+    compression: str = "none"  # SST compression: "none", "lz4", "zstd", "snappy" (float rows barely compress)
+    write_buffer_mb: int = 64  # per column family memtable before a flush
 
     def __post_init__(self) -> None:
         _check_types(self, "rocksdb")
@@ -173,6 +175,9 @@ class RocksDBTierConfig:
         _check_choice("rocksdb", "storage_dtype", self.storage_dtype, STORAGE_DTYPES)
         if self.read_threads < 1:
             raise ValueError("rocksdb.read_threads must be >= 1")
+        _check_choice("rocksdb", "compression", self.compression, ("none", "lz4", "zstd", "snappy"))
+        if self.write_buffer_mb < 1:
+            raise ValueError("rocksdb.write_buffer_mb must be >= 1")
 
 
 @dataclass

@@ -38,6 +38,7 @@ _warnings = limited(logger)
 
 _READONLY = b"*1\r\n$8\r\nREADONLY\r\n"  # lets a replica's connection serve reads of its primary's slots
 _ASKING = b"*1\r\n$6\r\nASKING\r\n"
+_JOIN_BYTES = 1 << 20  # pipelined commands up to this size go out in one sendall (a syscall each costs more)
 
 
 @functools.lru_cache(maxsize=None)
@@ -212,6 +213,8 @@ class RedisTier(StorageTier):
                 packed += [_ASKING, c.packed] if asking else [c.packed]
             if wait_replicas:
                 packed.append(self._wait_command(wait_replicas))
+            if len(packed) > 1 and sum(map(len, packed)) <= _JOIN_BYTES:  # small commands: one sendall
+                packed = [b"".join(packed)]
             conn.send_packed_command(packed, check_health=False)
             if readonly:
                 conn.read_response()
@@ -321,19 +324,21 @@ class RedisTier(StorageTier):
         calls = self._calls(spec, uniq, "HMGET")
         rows_u = np.zeros((len(uniq), spec.dim), dtype=np.float32)
         found_u = np.zeros(len(uniq), dtype=bool)
-        failed = 0
-        for call, values in zip(calls, self._execute(calls, read=True)):
-            if isinstance(values, Exception):
-                failed += len(call.positions)
-                continue
-            # C-level passes over the reply (map/filter/join), no per-row Python
+        replies = self._execute(calls, read=True)
+        answered = [(c, v) for c, v in zip(calls, replies) if not isinstance(v, Exception)]
+        failed = len(uniq) - sum(len(c.positions) for c, _ in answered)
+        if answered:
+            # every call's reply in one pass: C-level map/filter/join over all values, no per-row Python
+            # and no per-call numpy
+            positions = np.concatenate([c.positions for c, _ in answered])
+            values = list(itertools.chain.from_iterable(v for _, v in answered))
             found = np.fromiter(map(operator.is_not, values, itertools.repeat(None)), dtype=bool, count=len(values))
             blob = b"".join(filter(None, values))
             if len(blob) != int(found.sum()) * row_bytes:  # some value is not a row of this table: skip those
                 found = np.fromiter((v is not None and len(v) == row_bytes for v in values), dtype=bool,
                                     count=len(values))
                 blob = b"".join(v for v, ok in zip(values, found) if ok)
-            hit = call.positions[found]
+            hit = positions[found]
             found_u[hit] = True
             rows_u[hit] = self._decode_rows(blob, len(hit), spec.dim)
         if failed:

@@ -40,7 +40,7 @@ class RocksDBTier(StorageTier):
 
     def __init__(self, config: RocksDBTierConfig) -> None:
         super().__init__(config.storage_dtype, config.promote)
-        from rocksdict import AccessType, BlockBasedOptions, Cache, Options, Rdict
+        from rocksdict import AccessType, BlockBasedOptions, Cache, DBCompressionType, Options, Rdict
 
         self.config = config
         self._options = Options(raw_mode=True)
@@ -50,6 +50,11 @@ class RocksDBTier(StorageTier):
         table_opts.set_bloom_filter(10, False)
         self._options.set_block_based_table_factory(table_opts)
         self._options.increase_parallelism(max(2, os.cpu_count() or 2))
+        # embedding rows are float noise to a compressor: compressing them on every flush and compaction
+        # costs CPU that the update path competes for, and saves no space
+        self._options.set_compression_type(getattr(DBCompressionType, config.compression)())
+        self._options.set_enable_pipelined_write(True)  # the WAL write of one batch overlaps the next's memtable
+        self._options.set_write_buffer_size(config.write_buffer_mb * 1024 * 1024)
         path = os.path.abspath(config.path)
         try:
             if config.read_only:
