@@ -12,7 +12,8 @@ COPY apps ./apps
 # as the Makefile does: torch and fbgemm first, the package, then torchrec without its (CUDA-only) deps
 RUN pip install -c constraints.txt torch fbgemm-gpu \
  && pip install -c constraints.txt . \
- && pip install -c constraints.txt --no-deps torchrec
+ && pip install -c constraints.txt --no-deps torchrec \
+ && python torchrec_hps/_env.py
 EXPOSE 8000 8001
 ENTRYPOINT ["torchrec-hps"]
 CMD ["serve", "--config", "/etc/hps/hps.yaml", "--host", "0.0.0.0"]

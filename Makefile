@@ -23,6 +23,8 @@ $(STAMP): constraints.txt setup.cfg pyproject.toml
 	# the stock OIP test client: --no-deps for the reason in constraints.txt
 	$(VPY) -m pip install -q -c constraints.txt --no-deps tritonclient
 	$(VPY) -c "import torchrec_hps; torchrec_hps.check_environment(verbose=True)"
+	# fbgemm's compat-table warnings filtered in every process of the venv, whatever it imports first
+	$(VPY) torchrec_hps/_env.py
 	touch $(STAMP)
 
 # Test servers: Redis from Debian's package, the Kafka broker from Maven Central (run with Java 17);

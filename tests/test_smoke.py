@@ -95,3 +95,16 @@ def test_rocksdb_two_column_families(rocksdb_path):
     assert a[b"k"] == row and b[b"k"] == b"other"
     assert a.get([b"k", b"missing"]) == [row, None]
     db.close()
+
+
+def test_no_fbgemm_compat_warnings_whatever_is_imported_first():
+    """fbgemm-gpu 1.6.0 logs 14 'no entry in _fbgemm_torch_compat_table' warnings when it loads; the venv's
+    start-up hook (`make install` writes it) drops them even when torchrec is imported before this package."""
+    import subprocess
+    import sys
+
+    for first in ("torchrec", "fbgemm_gpu", "torchrec_hps"):
+        err = subprocess.run([sys.executable, "-c", f"import {first}; import logging; logging.warning('still here')"],
+                             capture_output=True, text=True, timeout=300).stderr
+        assert "_fbgemm_torch_compat_table" not in err, f"importing {first} first printed fbgemm's warning:\n{err}"
+        assert "still here" in err  # other warnings still get through

@@ -5,7 +5,7 @@ import logging
 import shutil
 import subprocess
 import sys
-from typing import Dict
+from typing import Dict, Optional
 
 
 class EnvironmentCheckError(ImportError):
@@ -15,7 +15,25 @@ class EnvironmentCheckError(ImportError):
 class _DropFbgemmCompatNoise(logging.Filter):
     # fbgemm-gpu 1.6.0 logs one "no entry in _fbgemm_torch_compat_table" warning per library it loads.
     def filter(self, record: logging.LogRecord) -> bool:
-        return "_fbgemm_torch_compat_table" not in record.getMessage()
+        return "_fbgemm_torch_compat_table" not in str(record.msg)
+
+
+# The same filter for every process of an environment, whatever it imports first (torchrec loads fbgemm
+# before this package can filter): a .pth line runs at interpreter start-up; it imports only `logging`.
+QUIET_PTH = "torchrec_hps_quiet_fbgemm.pth"
+QUIET_PTH_LINE = ('import logging; logging.getLogger().addFilter('
+                  'lambda r: "_fbgemm_torch_compat_table" not in str(r.msg))\n')
+
+
+def install_quiet_hook(site_dir: Optional[str] = None) -> str:
+    """Write the .pth start-up hook into `site_dir` (default: this environment's site-packages); its path."""
+    import os
+    import sysconfig
+
+    path = os.path.join(site_dir or sysconfig.get_paths()["purelib"], QUIET_PTH)
+    with open(path, "w") as f:
+        f.write(QUIET_PTH_LINE)
+    return path
 
 
 def _has_nvidia_driver() -> bool:
@@ -66,3 +84,7 @@ def check_environment(verbose: bool = False) -> Dict[str, str]:
     if verbose:
         print("environment ok: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     return versions
+
+
+if __name__ == "__main__":  # `python torchrec_hps/_env.py`: writes the hook without importing the package
+    print(install_quiet_hook())
