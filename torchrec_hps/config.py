@@ -318,6 +318,7 @@ class KafkaConfig:
     poll_timeout: float = 0.2
     retry_backoff: float = 0.5  # seconds before re-applying a batch whose tier write failed
     connect_timeout: float = 30.0  # seconds a publisher or consumer waits at start for the brokers to answer
+    catch_up_timeout: float = 300.0  # a version loaded from Kafka-updated tiers goes live once its consumer caught up
     # rejected update messages (corrupt, or rows no tier may take) are copied here, with their source topic,
     # partition, offset and the reason as headers, before their offsets are committed; None: logged only
     dead_letter_topic: Optional[str] = None
@@ -343,6 +344,8 @@ class KafkaConfig:
             raise ValueError(f"kafka.max_message_bytes={self.max_message_bytes} is too small (>= 1024)")
         if self.publish_every_steps < 1:
             raise ValueError("kafka.publish_every_steps must be >= 1")
+        if self.catch_up_timeout <= 0:
+            raise ValueError(f"kafka.catch_up_timeout={self.catch_up_timeout} must be > 0 (seconds)")
 
     def topic(self, model: str, table: str) -> str:
         return f"{self.topic_prefix}.{model}.{table}"

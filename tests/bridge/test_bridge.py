@@ -263,3 +263,24 @@ def test_rejected_messages_go_to_the_dead_letter_topic_with_their_source(kafka, 
     first = got[0][1]
     assert first["hps-source-topic"] == topic and first["hps-source-partition"] == "1"
     assert "out of range" in first["hps-reason"] and first["hps-source-offset"].isdigit()
+
+
+def test_wait_caught_up_returns_once_everything_published_is_applied(kafka, tier_factory, namespace):
+    """What a version loaded from Kafka-updated tiers waits on: False while the consumer is not running
+    (nothing applied), True once it has applied and committed everything published before the call."""
+    h = _hierarchy(tier_factory, namespace)
+    pub = DeltaPublisher(kafka, namespace, ["t1", "t2"])
+    ids = torch.arange(0, 500, 2)
+    new = torch.randn(len(ids), 8)
+    pub.publish("t1", ids, new)
+    pub.flush()
+    consumer = UpdateConsumer(kafka, namespace, h, ["t1", "t2"], group_id=f"{namespace}-catch-up")
+    t0 = time.monotonic()
+    assert not consumer.wait_caught_up(0.5)
+    assert time.monotonic() - t0 >= 0.5 and consumer.stats["applied_rows"] == 0
+    consumer.start()
+    assert consumer.wait_caught_up(60)
+    assert consumer.stats["applied_rows"] == len(ids)  # every row, read back exactly
+    torch.testing.assert_close(h.get(f"{namespace}.t1", ids).rows, new, rtol=0, atol=0)
+    consumer.stop()
+    h.close()

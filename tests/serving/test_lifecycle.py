@@ -118,6 +118,45 @@ def test_kafka_updates_reach_served_scores(tmp_path, namespace, kafka_bootstrap)
         s.storage.close()
 
 
+def test_a_version_loaded_from_kafka_updated_tiers_serves_the_published_rows(tmp_path, namespace, kafka_bootstrap):
+    """v2 with bulk_load false: nothing is bulk-loaded, its consumer fills its namespace from the model's topics
+    (the trainer published every row of v2's tables), and the load returns only once that consumer caught up,
+    so v2's first answers are already v2's scores."""
+    import tritonclient.http as httpclient
+
+    from torchrec_hps.config import KafkaConfig
+    from torchrec_hps.train_bridge import DeltaPublisher
+
+    kafka = KafkaConfig(bootstrap_servers=kafka_bootstrap, poll_timeout=0.2, num_partitions=1)
+    s = start_server(tmp_path, namespace, kafka=kafka)
+    try:
+        name = s.server.repository.names()[0]
+        v2 = make_dlrm(seed=1)
+        ckpt2 = str(tmp_path / "v2.pt")
+        torch.save(v2.state_dict(), ckpt2)
+        publisher = DeltaPublisher(kafka, name, [t.name for t in TABLES])
+        bags = v2.sparse_arch.embedding_bag_collection.embedding_bags
+        for t in TABLES:
+            publisher.publish(t.name, torch.arange(t.num_embeddings), bags[t.name].weight.detach())
+        publisher.flush()
+        load = {"parameters": {"version": 2, "path": ckpt2, "bulk_load": False}}
+        r = httpx.post(f"http://{s.http_url}/v2/repository/models/{name}/load", json=load, timeout=300)
+        assert r.status_code == 200, r.text
+        served = s.server.repository.get(name)
+        assert served.version == "2"
+        assert served.consumer.stats["applied_rows"] >= sum(t.num_embeddings for t in TABLES)
+        client = httpclient.InferenceServerClient(s.http_url)
+        gen = np.random.default_rng(11)
+        for _ in range(5):
+            q = random_query(8, gen)
+            res = client.infer(name, http_inputs(q))
+            assert res.get_response()["model_version"] == "2"
+            np.testing.assert_allclose(res.as_numpy("scores"), expected_scores(v2, q), rtol=1e-5, atol=1e-6)
+    finally:
+        s.server.stop()
+        s.storage.close()
+
+
 def test_two_models_are_served_side_by_side_over_shared_tiers(tmp_path, namespace):
     import tritonclient.http as httpclient
 

@@ -201,6 +201,14 @@ class ModelRepository:
             served.consumer = UpdateConsumer(self.kafka, config.name, self.storage, served.tables,
                                              modules=served.hps_modules, namespace=config.namespace,
                                              group_id=f"hps-{config.namespace}-{id(served):x}").start()
+            # tiers filled from Kafka, not bulk-loaded: the version goes live only once its consumer has
+            # applied everything published so far, else it would serve default rows for what is in flight
+            if not bulk_load and not served.consumer.wait_caught_up(self.kafka.catch_up_timeout):
+                self._close(served)
+                self.storage.remove_tables(config.namespace)  # the rows it had applied: nothing half-loaded stays
+                raise NotReady(f"model {config.name!r} v{config.version}: its update consumer did not catch up "
+                               f"with the model's Kafka topics within kafka.catch_up_timeout="
+                               f"{self.kafka.catch_up_timeout}s; the version was not loaded")
         if hot_ids is not None:
             served.prefill(hot_ids())
         served.warm_up()

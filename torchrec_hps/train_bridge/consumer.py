@@ -221,6 +221,32 @@ class UpdateConsumer:
                 total += high - max(tp.offset, 0)
         return total
 
+    def wait_caught_up(self, timeout: float) -> bool:
+        """Wait until everything published to this consumer's topics before the call is applied: its group's
+        committed offsets (committed after the tiers took the rows) reach the high watermarks read now.
+        Needs the consumer running (start()); False if `timeout` seconds pass first."""
+        from confluent_kafka import TopicPartition
+
+        deadline = time.monotonic() + timeout
+        targets: List[Tuple[TopicPartition, int]] = []
+        with self._lock:
+            for topic in self._table_of_topic:
+                meta = self._consumer.list_topics(topic, timeout=self.config.connect_timeout).topics[topic]
+                for p in meta.partitions:
+                    _, high = self._consumer.get_watermark_offsets(TopicPartition(topic, p),
+                                                                   timeout=self.config.connect_timeout)
+                    if high > 0:
+                        targets.append((TopicPartition(topic, p), high))
+        while targets:
+            with self._lock:
+                done = self._consumer.committed([tp for tp, _ in targets], timeout=self.config.connect_timeout)
+            targets = [(tp, high) for (tp, high), c in zip(targets, done) if c.offset < high]
+            if targets and time.monotonic() > deadline:
+                return False
+            if targets:
+                time.sleep(0.05)
+        return True
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
