@@ -58,6 +58,16 @@ def tls_redis(servers: Servers):
 
 
 @pytest.fixture
+def mtls_redis(servers: Servers):
+    """(rediss:// url, CA file, client certificate, client key) of the Redis that demands a client certificate."""
+    server = servers.mtls_redis
+    if not server.is_up():
+        server.start(fresh=False)
+    return (f"rediss://127.0.0.1:{server.port}", str(server.ca_file), str(server.dir / "client.crt"),
+            str(server.dir / "client.key"))
+
+
+@pytest.fixture
 def cluster_nodes(servers: Servers):
     for node in servers.cluster.nodes:
         if not node.is_up():

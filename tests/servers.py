@@ -45,9 +45,10 @@ class ServerError(RuntimeError):
     pass
 
 
-def make_test_certificates(d: Path, pkcs12_password: Optional[str] = None) -> None:
+def make_test_certificates(d: Path, pkcs12_password: Optional[str] = None, client: bool = False) -> None:
     """In `d`: a test CA (ca.crt) and a server certificate for 127.0.0.1 signed by it (server.crt/.key),
-    made with openssl, valid for a few days; with `pkcs12_password` also server.p12 (a Java keystore)."""
+    made with openssl, valid for a few days; with `pkcs12_password` also server.p12 (a Java keystore); with
+    `client` a client certificate signed by the same CA (client.crt/.key, for mutual TLS)."""
     if shutil.which("openssl") is None:
         raise ServerError("openssl is not installed: it makes the TLS test certificates (apt-get install openssl)")
     run = lambda *args: subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)  # noqa: E731
@@ -57,6 +58,11 @@ def make_test_certificates(d: Path, pkcs12_password: Optional[str] = None) -> No
     (d / "ext.cnf").write_text(f"subjectAltName=IP:{HOST}\n")
     run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
         "-out", "server.crt", "-days", "7", "-extfile", "ext.cnf")
+    if client:
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "client.key", "-out", "client.csr", "-subj",
+            "/CN=torchrec-hps test client")
+        run("x509", "-req", "-in", "client.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "client.crt", "-days", "7")
     if pkcs12_password:
         run("pkcs12", "-export", "-in", "server.crt", "-inkey", "server.key", "-certfile", "ca.crt", "-name", "kafka",
             "-out", "server.p12", "-passout", f"pass:{pkcs12_password}")
@@ -146,6 +152,7 @@ class RedisServer:
     cluster: bool = False
     acl: Optional[Tuple[str, str]] = None  # (user, password): the default user off, only this one let in
     tls: bool = False  # TLS only (no plain port), a test CA made with openssl in the server's folder
+    mutual_tls: bool = False  # with tls: clients must present a certificate signed by the test CA
 
     @property
     def ca_file(self) -> Path:
@@ -154,10 +161,12 @@ class RedisServer:
     def _client_kwargs(self) -> dict:
         user, password = self.acl or (None, None)
         tls = {"ssl": True, "ssl_ca_certs": str(self.ca_file)} if self.tls else {}
+        if self.mutual_tls:
+            tls.update(ssl_certfile=str(self.dir / "client.crt"), ssl_keyfile=str(self.dir / "client.key"))
         return {"username": user, "password": password, **tls}
 
     def _make_certificates(self) -> None:
-        make_test_certificates(self.dir)
+        make_test_certificates(self.dir, client=self.mutual_tls)
 
     @property
     def name(self) -> str:
@@ -199,7 +208,8 @@ class RedisServer:
             self._make_certificates()
         listen = [f"port {self.port}"] if not self.tls else [
             "port 0", f"tls-port {self.port}", f"tls-cert-file {self.dir / 'server.crt'}",
-            f"tls-key-file {self.dir / 'server.key'}", f"tls-ca-cert-file {self.ca_file}", "tls-auth-clients no"]
+            f"tls-key-file {self.dir / 'server.key'}", f"tls-ca-cert-file {self.ca_file}",
+            f"tls-auth-clients {'yes' if self.mutual_tls else 'no'}"]
         conf = [
             *listen,
             f"bind {HOST}",
@@ -476,6 +486,7 @@ class Servers:
     replica_cluster: RedisCluster  # 3 primaries + 3 replicas
     secured_redis: RedisServer  # ACL: one user with a password, the default user disabled
     tls_redis: RedisServer  # TLS only, certificates from a test CA
+    mtls_redis: RedisServer  # mutual TLS: the client's certificate too
 
     @property
     def redis_url(self) -> str:
@@ -497,14 +508,15 @@ class Servers:
         self.redis.start(take_over=take_over)
         self.secured_redis.start(take_over=take_over)
         self.tls_redis.start(take_over=take_over)
+        self.mtls_redis.start(take_over=take_over)
         self.cluster.start(take_over=take_over)
         self.replica_cluster.start(take_over=take_over)
         self.kafka.start(take_over=take_over)
 
     def down(self) -> None:
         errors = []
-        for stop in (self.kafka.stop, self.replica_cluster.stop, self.cluster.stop, self.tls_redis.stop, self.secured_redis.stop,
-                     self.redis.stop):
+        for stop in (self.kafka.stop, self.replica_cluster.stop, self.cluster.stop, self.mtls_redis.stop,
+                     self.tls_redis.stop, self.secured_redis.stop, self.redis.stop):
             try:
                 stop()
             except Exception as e:  # stop the rest regardless
@@ -513,7 +525,7 @@ class Servers:
             raise ServerError("; ".join(errors))
 
     def status(self) -> Dict[str, bool]:
-        out = {s.name: s.is_up() for s in (self.redis, self.secured_redis, self.tls_redis)}
+        out = {s.name: s.is_up() for s in (self.redis, self.secured_redis, self.tls_redis, self.mtls_redis)}
         out.update({n.name: n.is_up() for n in self.cluster.nodes + self.replica_cluster.nodes})
         out[f"kafka-{self.kafka.port}"] = self.kafka.is_up()
         return out
@@ -522,8 +534,10 @@ class Servers:
 SECURED_REDIS_PORT = REDIS_PORT + 1
 SECURED_REDIS_ACL = ("hps", "test-secret-4f1c")
 TLS_REDIS_PORT = REDIS_PORT + 2
+MTLS_REDIS_PORT = REDIS_PORT + 3
 SERVERS = Servers(RedisServer(REDIS_PORT), RedisCluster(), KafkaBroker(), RedisCluster(REPLICA_CLUSTER_PORTS, replicas=1),
-                  RedisServer(SECURED_REDIS_PORT, acl=SECURED_REDIS_ACL), RedisServer(TLS_REDIS_PORT, tls=True))
+                  RedisServer(SECURED_REDIS_PORT, acl=SECURED_REDIS_ACL), RedisServer(TLS_REDIS_PORT, tls=True),
+                  RedisServer(MTLS_REDIS_PORT, tls=True, mutual_tls=True))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -104,6 +104,9 @@ class RedisTierConfig:
     username: Optional[str] = None
     ssl: bool = False  # TLS (or a rediss:// url)
     ssl_ca_certs: Optional[str] = None  # the CA file that signs the servers' certificates (default: the system's)
+    # mutual TLS: this client's certificate and key (PEM), for servers with tls-auth-clients yes
+    ssl_certfile: Optional[str] = None
+    ssl_keyfile: Optional[str] = None
     socket_timeout: float = 2.0
     socket_connect_timeout: float = 1.0
     num_partitions: int = 16
@@ -131,6 +134,8 @@ class RedisTierConfig:
         _check_choice("redis", "storage_dtype", self.storage_dtype, STORAGE_DTYPES)
         if self.num_partitions < 1 or self.max_batch_size < 1:
             raise ValueError("redis.num_partitions and redis.max_batch_size must be >= 1")
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ValueError("redis: a client certificate needs both ssl_certfile and ssl_keyfile")
 
 
 def resolve_secret(value: Optional[str], what: str) -> Optional[str]:

@@ -75,3 +75,19 @@ def test_tls_refuses_a_plain_client_and_an_unknown_ca(tls_redis, tmp_path):
         RedisTier(RedisTierConfig(url=plain))
     with pytest.raises(TierError, match="certificate verify failed"):
         RedisTier(RedisTierConfig(url=url))  # the system's CAs do not sign the test server
+
+
+def test_mutual_tls_serves_with_the_clients_certificate_and_refuses_without(mtls_redis, namespace):
+    url, ca, cert, key = mtls_redis
+    with pytest.raises(TierError, match="cannot reach"):  # the server demands a client certificate
+        RedisTier(RedisTierConfig(url=url, ssl_ca_certs=ca))
+    with pytest.raises(ValueError, match="both ssl_certfile and ssl_keyfile"):
+        RedisTierConfig(url=url, ssl_ca_certs=ca, ssl_certfile=cert)
+    tier = RedisTier(RedisTierConfig(url=url, ssl_ca_certs=ca, ssl_certfile=cert, ssl_keyfile=key))
+    spec = _spec(namespace)
+    tier.add_table(spec)
+    tier.put(spec.key, torch.arange(4), torch.full((4, 4), 3.0))
+    rows, found = tier.get(spec.key, torch.arange(4))
+    assert found.all() and rows.eq(3.0).all()
+    tier.drop_table(spec.key)
+    tier.close()

@@ -116,7 +116,9 @@ class RedisTier(StorageTier):
             password=resolve_secret(config.password, "redis.password"), username=config.username,
             retry=Retry(NoBackoff(), 0),
             **({"ssl": True} if config.ssl else {}),
-            **({"ssl_ca_certs": config.ssl_ca_certs} if config.ssl_ca_certs else {}), **config.connection_kwargs)
+            **({"ssl_ca_certs": config.ssl_ca_certs} if config.ssl_ca_certs else {}),
+            **({"ssl_certfile": config.ssl_certfile, "ssl_keyfile": config.ssl_keyfile} if config.ssl_certfile else {}),
+            **config.connection_kwargs)
         self._nodes: Dict[str, _Node] = {}
         self._nodes_lock = threading.Lock()
         self._topology: Optional[ClusterTopology] = None
