@@ -9,7 +9,11 @@ touch the entry's tick (and LFU count) and its HBM row's tick; append each entry
 lookup that is not in HBM (and passes the admission rule) to `cand` for hbm_level.admit; OR into `flags`
 whether an id is in neither level (FLAG_MISS) or out of range (FLAG_INVALID); and count per feature: ids,
 ids not served from HBM, ids in neither level, distinct hits (into `counts` [4, F], zeroed by the caller).
-On CUDA one Triton kernel; the torch version is the CPU path and the kernel's test reference.
+Where every table is held whole (direct-mapped) an id has one possible entry, so the kernel reads that one
+key (`all_direct`); where besides HBM has a row for every entry nothing is ever evicted or admitted, so it
+records no use (`touch=False`: no ticks, counts of first touches or candidates; the miss path counts the
+distinct hits itself). On CUDA one Triton kernel; the torch version is the CPU path and the kernel's test
+reference.
 """
 from __future__ import annotations
 
