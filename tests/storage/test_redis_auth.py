@@ -1,6 +1,7 @@
 """Redis with an ACL (the default user disabled, one user with a password), a real server: the right
 credentials serve, wrong ones are a clear error that names the user and never the secret, and nothing is
-written; secrets come from the config, an environment variable or a file and are never printed."""
+written; secrets come from the config, an environment variable or a file and are never printed. Over TLS
+and mutual TLS too (the harness's servers with a test CA)."""
 from __future__ import annotations
 
 import pytest
@@ -13,6 +14,18 @@ from torchrec_hps.storage import RedisTier, TierError
 
 def _spec(namespace):
     return TableSpec(namespace, "t1", num_rows=100, dim=4)
+
+
+def _round_trip(cfg: RedisTierConfig, namespace: str, n: int, value: float) -> None:
+    """Write n rows through a tier made from `cfg`, read back n + 1: the n rows, then one absent."""
+    tier = RedisTier(cfg)
+    spec = _spec(namespace)
+    tier.add_table(spec)
+    tier.put(spec.key, torch.arange(n), torch.full((n, 4), value))
+    rows, found = tier.get(spec.key, torch.arange(n + 1))
+    assert found.tolist() == [True] * n + [False] and rows[:n].eq(value).all()
+    tier.drop_table(spec.key)
+    tier.close()
 
 
 @pytest.mark.parametrize("how", ["plain", "env", "file"])
@@ -29,14 +42,7 @@ def test_the_acl_user_is_served_with_its_password_from_config_env_or_file(secure
         given = password
     cfg = RedisTierConfig(url=url, username=user, password=given)
     assert password not in repr(cfg)
-    tier = RedisTier(cfg)
-    spec = _spec(namespace)
-    tier.add_table(spec)
-    tier.put(spec.key, torch.arange(5), torch.full((5, 4), 2.0))
-    rows, found = tier.get(spec.key, torch.arange(6))
-    assert found.tolist() == [True] * 5 + [False] and rows[:5].eq(2.0).all()
-    tier.drop_table(spec.key)
-    tier.close()
+    _round_trip(cfg, namespace, 5, 2.0)
 
 
 @pytest.mark.parametrize("user, password", [("hps", "wrong-password"), ("nobody", "bad-pw-zz"), (None, None)])
@@ -58,14 +64,7 @@ def test_credentials_in_the_url_are_refused_so_they_are_never_printed():
 
 def test_tls_with_the_servers_ca_serves(tls_redis, namespace):
     url, ca = tls_redis
-    tier = RedisTier(RedisTierConfig(url=url, ssl_ca_certs=ca))
-    spec = _spec(namespace)
-    tier.add_table(spec)
-    tier.put(spec.key, torch.arange(3), torch.full((3, 4), 5.0))
-    rows, found = tier.get(spec.key, torch.arange(3))
-    assert found.all() and rows.eq(5.0).all()
-    tier.drop_table(spec.key)
-    tier.close()
+    _round_trip(RedisTierConfig(url=url, ssl_ca_certs=ca), namespace, 3, 5.0)
 
 
 def test_tls_refuses_a_plain_client_and_an_unknown_ca(tls_redis, tmp_path):
@@ -83,11 +82,4 @@ def test_mutual_tls_serves_with_the_clients_certificate_and_refuses_without(mtls
         RedisTier(RedisTierConfig(url=url, ssl_ca_certs=ca))
     with pytest.raises(ValueError, match="both ssl_certfile and ssl_keyfile"):
         RedisTierConfig(url=url, ssl_ca_certs=ca, ssl_certfile=cert)
-    tier = RedisTier(RedisTierConfig(url=url, ssl_ca_certs=ca, ssl_certfile=cert, ssl_keyfile=key))
-    spec = _spec(namespace)
-    tier.add_table(spec)
-    tier.put(spec.key, torch.arange(4), torch.full((4, 4), 3.0))
-    rows, found = tier.get(spec.key, torch.arange(4))
-    assert found.all() and rows.eq(3.0).all()
-    tier.drop_table(spec.key)
-    tier.close()
+    _round_trip(RedisTierConfig(url=url, ssl_ca_certs=ca, ssl_certfile=cert, ssl_keyfile=key), namespace, 4, 3.0)
