@@ -97,8 +97,9 @@ class ServedVersion:
 
     def warm_up(self) -> None:
         """Before traffic, on every GPU replica: a forward of an id-less batch of the smallest padded size, then
-        a prefetch and forward of it. This compiles the cache's kernels and captures its first graphs (on first
-        traffic the compiles held queries for seconds); it reads and caches no row. One size only: warming
+        a prefetch and forward of it. This compiles most of the cache's kernels and captures its first graphs (on
+        first traffic the compiles held queries for seconds; a few variants, by batch size, still compile on
+        first use); it reads and caches no row. One size only: warming
         seven sizes (64 to 4096) was followed by an illegal memory access in the GPU serving test in 3 of 4
         runs on the H200, a defect not found yet (tests/gpu/test_gpu_serving.py)."""
         from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
