@@ -41,6 +41,12 @@ def _check_range(owner: str, name: str, value: float, lo: float, hi: float) -> N
         raise ValueError(f"{owner}.{name}={value!r} is out of range; expected {lo} <= {name} <= {hi}")
 
 
+def table_key(model: str, table: str) -> str:
+    """A table's name in the tiers, '<model>.<table>' (model: the model's name or a served version's
+    namespace); the one place it is built."""
+    return f"{model}.{table}"
+
+
 @dataclass(frozen=True)
 class TableSpec:
     """One embedding table as the storage tiers see it. `model` namespaces it, so several models (and
@@ -62,7 +68,7 @@ class TableSpec:
     @property
     def key(self) -> str:
         """Qualified name used by every tier: '<model>.<table>'."""
-        return f"{self.model}.{self.name}"
+        return table_key(self.model, self.name)
 
 
 @dataclass

@@ -51,7 +51,8 @@ def run_demo(batches: int = 40, batch_size: int = 512, max_rows: int = 200_000, 
     from torchrec.models.dlrm import DLRM
 
     from torchrec_hps.workload import ZipfKeys, zipf_kjt
-    from torchrec_hps.config import CacheConfig, HPSConfig, MemoryTierConfig, RocksDBTierConfig, StorageConfig
+    from torchrec_hps.config import (CacheConfig, HPSConfig, MemoryTierConfig, RocksDBTierConfig, StorageConfig,
+                                     table_key)
     from torchrec_hps.modules.swap import swap_in_hps
 
     rows = [min(n, max_rows) for n in CRITEO_ROWS]
@@ -118,7 +119,7 @@ def run_demo(batches: int = 40, batch_size: int = 512, max_rows: int = 200_000, 
     hits = sum(stats[t.name]["hits"] for t in tables)
     served: Dict[str, int] = {}
     for t in tables:
-        for tier, n in storage_stats[f"{config.model}.{t.name}"]["served_by"].items():
+        for tier, n in storage_stats[table_key(config.model, t.name)]["served_by"].items():
             served[tier] = served.get(tier, 0) + n
     log(f"{batches} batches of {batch_size}: cache hit rate {hits / ids:.3f} over {ids:,} ids; distinct misses "
         f"served by " + ", ".join(f"{k} {v:,}" for k, v in served.items()))

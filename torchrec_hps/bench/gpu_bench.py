@@ -95,7 +95,7 @@ def run_gpu_bench(num_tables: int = 8, rows: int = 4_000_000, dim: int = 128, sh
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
     from torchrec import EmbeddingBagConfig
 
-    from torchrec_hps.config import CacheConfig, HPSConfig, MemoryTierConfig, StorageConfig
+    from torchrec_hps.config import CacheConfig, HPSConfig, MemoryTierConfig, StorageConfig, table_key
     from torchrec_hps.modules import HPSEmbeddingBagCollection
     from torchrec_hps.storage import StorageHierarchy
 
@@ -122,7 +122,7 @@ def run_gpu_bench(num_tables: int = 8, rows: int = 4_000_000, dim: int = 128, sh
         w_dev.view(torch.float32)[:, :dim].copy_(w)
         w_uvm.view(torch.float32)[:, :dim].copy_(w)
         for lo in range(0, rows, chunk):
-            storage.put(f"gpubench.{t.name}", torch.arange(lo, min(lo + chunk, rows)), w[lo:lo + chunk].cpu())
+            storage.put(table_key("gpubench", t.name), torch.arange(lo, min(lo + chunk, rows)), w[lo:lo + chunk].cpu())
         del w
     for module in (all_cached, ours_sync):  # the host level holds every row (HPS: the full copy in memory)
         for t in tables:

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from torchrec_hps.config import KafkaConfig
+from torchrec_hps.config import KafkaConfig, table_key
 from torchrec_hps.storage.hierarchy import StorageHierarchy
 from torchrec_hps.storage.interface import last_occurrence
 from torchrec_hps.train_bridge.wire import WireFormatError, decode
@@ -46,8 +46,8 @@ class UpdateConsumer:
         self.storage = storage
         self.modules = list(modules)
         self._table_of_topic = {config.topic(model, t): t for t in tables}
-        self._dims = {t: storage.spec(f"{self.namespace}.{t}").dim for t in tables}
-        self._rows = {t: storage.spec(f"{self.namespace}.{t}").num_rows for t in tables}
+        self._dims = {t: storage.spec(table_key(self.namespace, t)).dim for t in tables}
+        self._rows = {t: storage.spec(table_key(self.namespace, t)).num_rows for t in tables}
         ensure_topics(config, list(self._table_of_topic))
         group = group_id or config.group_id or f"hps-{model}"
         self._consumer = Consumer({
@@ -184,7 +184,7 @@ class UpdateConsumer:
             if len(np.unique(k)) != len(k):  # repeated ids: the last (newest) row wins, deduped once here
                 idx = torch.from_numpy(last_occurrence(k))
                 ids, rows = ids[idx], rows[idx]
-            self.storage.put(f"{self.namespace}.{table}", ids, rows)
+            self.storage.put(table_key(self.namespace, table), ids, rows)
             for module in self.modules:
                 if table in {c.name for c in module.embedding_bag_configs()}:
                     module.update(table, ids, rows, unique=True)
