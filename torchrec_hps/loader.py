@@ -9,7 +9,6 @@ from typing import Dict, Optional, Union
 import torch
 
 from torchrec_hps.config import HPSConfig
-from torchrec_hps.modules.swap import full_copy_tiers
 from torchrec_hps.storage import StorageHierarchy, bulk_load
 
 
@@ -43,7 +42,7 @@ def load_checkpoint(checkpoint: Union[str, Path], config: HPSConfig, chunk_rows:
         progress_file.write_text(json.dumps(done))
 
     try:
-        specs = bulk_load(full_copy_tiers(storage), config.model, source, chunk_rows=chunk_rows, start_rows=done,
+        specs = bulk_load(storage.full_copy_tiers(), config.model, source, chunk_rows=chunk_rows, start_rows=done,
                           progress=progress, on_chunk=record)
     finally:
         if own:

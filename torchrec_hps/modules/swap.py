@@ -11,13 +11,6 @@ from torchrec_hps.modules.hps_ebc import HPSEmbeddingBagCollection
 from torchrec_hps.modules.quantized import dequantized_tables, is_quantized_ebc
 from torchrec_hps.storage.bulk_load import bulk_load
 from torchrec_hps.storage.hierarchy import StorageHierarchy
-from torchrec_hps.storage.memory import MemoryTier
-
-
-def full_copy_tiers(storage: StorageHierarchy):
-    """Tiers a bulk load writes: all but memory tiers, which fill on demand (or the memory tier alone)."""
-    tiers = [t for t in storage.tiers if not isinstance(t, MemoryTier)]
-    return tiers or storage.tiers
 
 
 def swap_in_hps(
@@ -51,7 +44,7 @@ def swap_in_hps(
     for parent, name, ebc in found:
         tables, weights = dequantized_tables(ebc) if is_quantized_ebc(ebc) else (ebc.embedding_bag_configs(), ebc)
         if load:
-            bulk_load(full_copy_tiers(storage), config.model, weights, progress=progress)
+            bulk_load(storage.full_copy_tiers(), config.model, weights, progress=progress)
         hps = HPSEmbeddingBagCollection(tables, config, storage=storage, is_weighted=ebc.is_weighted(), device=device)
         setattr(parent, name, hps)
     return model, storage

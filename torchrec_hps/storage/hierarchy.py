@@ -84,6 +84,11 @@ class StorageHierarchy:
     def tier_names(self) -> List[str]:
         return [t.name for t in self.tiers]
 
+    def full_copy_tiers(self) -> List[StorageTier]:
+        """Tiers a bulk load writes: all but memory tiers, which fill on demand (or the memory tier alone)."""
+        tiers = [t for t in self.tiers if t.name != "memory"]
+        return tiers or list(self.tiers)
+
     def tier(self, name: str) -> StorageTier:
         for t in self.tiers:
             if t.name == name:
