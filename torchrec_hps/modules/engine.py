@@ -24,6 +24,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_hps.config import HPSConfig, TableSpec
 from torchrec_hps.modules.cache import AsyncInserter, EmbeddingCacheGroup, TBECacheGroup
 from torchrec_hps.modules.cache.cache_group import HASHED_ID_BOUND
+from torchrec_hps.modules.feature_layout import FeatureLayout
 from torchrec_hps.modules.latency import LatencyHistogram
 from torchrec_hps.modules.kjt_checks import check_kjt_layout, check_lengths, describe_bad_id, out_of_range
 from torchrec_hps.storage.hierarchy import StorageHierarchy
@@ -110,38 +111,21 @@ class HPSEngine:
         self.storage.add_tables(self.specs)
         self.inserter = AsyncInserter() if config.cache.hit_rate_threshold < 1.0 else None
 
-        # Features in config order (the output's order), and an internal group-major order in which each
-        # pooling group's features are contiguous in the KJT, so one permute feeds every group.
-        self._feature_names = [f for t in tables for f in t.feature_names]
-        feature_table = [i for i, t in enumerate(tables) for _ in t.feature_names]
-        self._dims = [tables[i].embedding_dim for i in feature_table]
-        group_tables: Dict[PoolingType, List[int]] = {}
-        for i, t in enumerate(tables):
-            group_tables.setdefault(t.pooling, []).append(i)
-        groups: List[EmbeddingCacheGroup] = []
-        self._table_loc: Dict[str, tuple] = {}
-        internal: List[int] = []  # internal position -> config feature index
-        self._group_features: List[int] = []  # features per group
-        for pooling, tidx in group_tables.items():
-            local = {ti: j for j, ti in enumerate(tidx)}
-            feats = [f for f, ti in enumerate(feature_table) if ti in local]
-            internal += feats
-            self._group_features.append(len(feats))
-            for ti in tidx:
-                self._table_loc[tables[ti].name] = (len(groups), local[ti])
-            groups.append(TBECacheGroup([cache_specs[ti] for ti in tidx], [local[feature_table[f]] for f in feats],
-                                        _pooling_mode(pooling), self.storage, config.cache, self.device,
-                                        inserter=self.inserter))
+        # one cache group per pooling mode, fed by one permute of the KJT into group-major order
+        layout = FeatureLayout.plan(tables)
+        self._feature_names, self._dims, self._table_loc = layout.names, layout.dims, layout.table_loc
+        groups: List[EmbeddingCacheGroup] = [
+            TBECacheGroup([cache_specs[ti] for ti in g.tables], g.feature_tables, _pooling_mode(g.pooling),
+                          self.storage, config.cache, self.device, inserter=self.inserter)
+            for g in layout.groups]
         self.groups = groups
-        self._internal_names = [self._feature_names[f] for f in internal]
-        self._internal_tables = [tables[feature_table[f]].name for f in internal]
-        self._internal_rows = [HASHED_ID_BOUND if hashed else tables[feature_table[f]].num_embeddings
-                               for f in internal]
+        self._group_features = [len(g.features) for g in layout.groups]  # features per group
+        self._internal_names = [layout.names[f] for f in layout.internal]
+        internal_tables = layout.internal_tables(tables)
+        self._internal_tables = [t.name for t in internal_tables]
+        self._internal_rows = [HASHED_ID_BOUND if hashed else t.num_embeddings for t in internal_tables]
         self._num_embeddings = torch.tensor(self._internal_rows, dtype=torch.int64, device=self.device)
-        cols = np.concatenate([[0], np.cumsum([self._dims[f] for f in internal])])
-        col_of = {f: np.arange(cols[i], cols[i + 1]) for i, f in enumerate(internal)}
-        perm = np.concatenate([col_of[f] for f in range(len(self._feature_names))])
-        self._out_perm = None if np.array_equal(perm, np.arange(len(perm))) else torch.from_numpy(perm).to(self.device)
+        self._out_perm = None if layout.out_perm is None else torch.from_numpy(layout.out_perm).to(self.device)
         self._forward_stats = {"calls": 0, "ids": 0, "seconds": 0.0}
         self._unknown_ids = torch.zeros((), dtype=torch.int64, device=self.device)
         self.latency = LatencyHistogram()
