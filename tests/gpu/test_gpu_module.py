@@ -302,3 +302,35 @@ def test_forward_of_the_prefetched_kjt_reuses_its_prefetch(tmp_path, ratio):
         check_hbm_level(g)
     hps.close()
     storage.close()
+
+
+def test_a_larger_lookup_frees_no_buffer_that_an_earlier_graph_writes(tmp_path):
+    """Regression (the serving test's CUDA illegal memory access): the admission's sort scratch was one per HBM
+    level, regrown when a lookup with more ids came, which freed the old buffer while the graphs captured
+    before kept writing it on every replay; the allocator then handed it to other tensors. Here the freed
+    block is taken back by sentinel tensors on every pool stream (the allocator reuses a block only on its
+    stream, after other freed blocks of its size), then the small lookup's graph replays: every sentinel must
+    stand, every output be exact. On the H200 the shared scratch failed it 3 of 3 times in the full suite
+    (run alone, on a fresh allocator, the freed block was not always handed out again)."""
+    ref, storage, hps = _setup(tmp_path, 0.1, threshold=1.0, tables=SUM_TABLES)
+    gen = torch.Generator().manual_seed(11)
+    small = random_kjt(SUM_TABLES, 8, gen=gen)
+    hps(small.to(torch.device("cuda")))  # shape (8, 1024): its graph captured
+    large = random_kjt(SUM_TABLES, 256, gen=gen)
+    assert large.values().numel() > 1024  # a larger bucket: its own shape
+    torch.testing.assert_close(hps(large.to(torch.device("cuda"))).values().cpu(), ref(large).values().detach(),
+                               rtol=1e-5, atol=1e-5)
+    sentinels = []
+    for _ in range(2 * 32):  # torch hands out its pooled streams round-robin, 32 per priority
+        for priority in (0, -1):
+            stream = torch.cuda.Stream(priority=priority)
+            with torch.cuda.stream(stream):
+                sentinels += [torch.full((1024,), -7, dtype=torch.int64, device="cuda") for _ in range(64)]
+    torch.cuda.synchronize()
+    for _ in range(3):
+        torch.testing.assert_close(hps(small.to(torch.device("cuda"))).values().cpu(), ref(small).values().detach(),
+                                   rtol=1e-5, atol=1e-5)
+    torch.cuda.synchronize()
+    assert all(bool((s == -7).all()) for s in sentinels), "a captured graph wrote into memory it had freed"
+    hps.close()
+    storage.close()

@@ -24,6 +24,7 @@ from torchrec_hps.serving.query import MIN_GPU_BATCH, ModelSignature
 from torchrec_hps.storage.hierarchy import StorageHierarchy
 
 SIGNATURE_FILE = "torchrec_hps_signature.json"  # the extra file a TorchScript artifact carries
+WARM_UP_MAX_BATCH = 4096  # padded sizes warmed before traffic: 64, 128, ..., 4096
 
 
 def signature_of(tables: Sequence[EmbeddingBagConfig], dense_in_features: int, weighted: bool = False
@@ -95,29 +96,34 @@ class ServedVersion:
         with self._idle:
             return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
 
-    def warm_up(self) -> None:
-        """Before traffic, on every GPU replica: a forward of an id-less batch of the smallest padded size, then
-        a prefetch and forward of it. This compiles most of the cache's kernels and captures its first graphs (on
-        first traffic the compiles held queries for seconds; a few variants, by batch size, still compile on
-        first use); it reads and caches no row. One size only: warming
-        seven sizes (64 to 4096) was followed by an illegal memory access in the GPU serving test in 3 of 4
-        runs on the H200, a defect not found yet (tests/gpu/test_gpu_serving.py)."""
+    def warm_up(self, max_batch: int = WARM_UP_MAX_BATCH) -> None:
+        """Before traffic, on every GPU replica and for every padded size from MIN_GPU_BATCH to `max_batch`: a
+        forward of an id-less batch, then one pipelined as the GPU worker does (prefetch of the next batch, the
+        current batch's forward, which launches it, the next batch's forward). This compiles the cache's kernels and
+        captures the graphs of those sizes (on first traffic the compiles held queries for seconds); it reads
+        and caches no row. (Warming seven sizes was followed by an illegal memory access until each lookup
+        shape got its own sort scratch: see HBMLevel.admit.)"""
         from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
         sig = self.signature
-        kjt = KeyedJaggedTensor(keys=list(sig.features), values=torch.zeros(0, dtype=torch.int64),
-                                lengths=torch.zeros(len(sig.features) * MIN_GPU_BATCH, dtype=torch.int64),
-                                weights=torch.zeros(0) if sig.weighted else None)
         for device, replica in self.replicas.items():
             if not device.startswith("cuda"):
                 continue
-            dense = torch.zeros(MIN_GPU_BATCH, sig.dense_in_features, device=device)
             modules = self.modules_on(device)
-            with torch.no_grad():
-                replica(dense, kjt.to(device))
-                if len(modules) == 1:  # as the GPU worker pipelines (scheduler.Worker._prefetch_next)
-                    modules[0].prefetch(kjt)
-                    replica(dense, kjt)
+            n = MIN_GPU_BATCH
+            while n <= max(MIN_GPU_BATCH, max_batch):
+                kjt = KeyedJaggedTensor(keys=list(sig.features), values=torch.zeros(0, dtype=torch.int64),
+                                        lengths=torch.zeros(len(sig.features) * n, dtype=torch.int64),
+                                        weights=torch.zeros(0) if sig.weighted else None)
+                dense = torch.zeros(n, sig.dense_in_features, device=device)
+                on_device = kjt.to(device)
+                with torch.no_grad():
+                    replica(dense, on_device)
+                    if len(modules) == 1:  # as the GPU worker pipelines (scheduler.Worker._prefetch_next):
+                        modules[0].prefetch(kjt)  # registered now, its graph launched by the next lookup,
+                        replica(dense, on_device)
+                        replica(dense, kjt)  # which this one reads
+                n *= 2
             torch.cuda.synchronize(device)
 
     def prefill(self, hot_ids: Dict[str, torch.Tensor]) -> int:

@@ -73,12 +73,15 @@ class HBMLevel:
 
     # ---- admission (inside the lookup, on the device) ----
     def admit(self, cand: torch.Tensor, cand_count: torch.Tensor, victims: torch.Tensor, scalars: torch.Tensor,
-              host: HostRowLayout, entries: torch.Tensor, locs: torch.Tensor,
+              host: HostRowLayout, entries: torch.Tensor, locs: torch.Tensor, sort_idx: torch.Tensor,
               copy_programs: Optional[int] = None, copy_block: int = 0) -> None:
         """Admit the candidates (their tail past cand_count holds CAND_PAD), then point `locs` (the lookup's
-        HBM rows) at what was admitted or staged. `copy_programs` bounds the copy kernel's grid (a prefetch
-        leaves the other SMs to the caller's dense layers running beside it)."""
-        torch.sort(cand, out=(cand, self._sort_scratch(cand)))
+        HBM rows) at what was admitted or staged. `sort_idx` (int64, as many as cand) takes the sort's
+        unused indices: the caller's own buffer, as a captured graph writes it on every replay (a scratch
+        shared by shapes and regrown for a larger one was freed under the older graphs: use after free).
+        `copy_programs` bounds the copy kernel's grid (a prefetch leaves the other SMs to the caller's dense
+        layers running beside it)."""
+        torch.sort(cand, out=(cand, sort_idx))
         if triton is None or not cand.is_cuda:
             self._admit_torch(cand, int(cand_count[0]), victims, int(scalars[1]), host, stage=True)
         else:
@@ -98,12 +101,6 @@ class HBMLevel:
                                 SEARCH_STEPS=max(1, n_tables.bit_length() + 1),
                                 MAX_WORDS=triton.next_power_of_2(host.max_row_words), BLOCK_SIZE=block)
         relocate(entries, locs, self.hbm_of_host)
-
-    def _sort_scratch(self, cand: torch.Tensor) -> torch.Tensor:
-        buf = getattr(self, "_sort_idx", None)
-        if buf is None or buf.numel() < cand.numel():
-            buf = self._sort_idx = torch.empty(cand.numel(), dtype=torch.int64, device=cand.device)
-        return buf[:cand.numel()]
 
     def unstage(self, cand: torch.Tensor, cand_count: torch.Tensor, victims: torch.Tensor) -> None:
         """After the lookup's TBE: staged rows were for it alone; their entries point nowhere again."""

@@ -78,6 +78,10 @@ class Shape:
             flags=torch.zeros(1, dtype=torch.int32, device=dev),
             counts=torch.zeros(4, F, dtype=torch.int64, device=dev))
         self.victims = torch.zeros(bucket, dtype=torch.int32, device=dev)
+        # every buffer a graph writes is the shape's own: one shared by shapes and regrown would be freed
+        # (and handed to other tensors) under the graphs captured before
+        self.sort_idx = torch.empty(bucket if group.hbm is not None and not group.hbm.direct else 0,
+                                    dtype=torch.int64, device=dev)
         self.offsets = torch.zeros(F * batch + 1, dtype=torch.int32, device=dev)
         self.ends = torch.zeros(F, dtype=torch.int64, device=dev)
         self.scratch = OffsetsScratch(F * batch, dev)
@@ -128,7 +132,7 @@ class Shape:
         probe(self.values, self.scalars, self.ends, g.probe_tables, o)
         if admits:
             g.hbm.admit(o.cand, o.cand_count, self.victims, self.scalars, g.host_rows.layout, o.entries, o.locs,
-                        copy_programs=PREFETCH_COPY_PROGRAMS if self.prefetch else None,
+                        self.sort_idx, copy_programs=PREFETCH_COPY_PROGRAMS if self.prefetch else None,
                         copy_block=prefetch_copy_block(g.host_rows.layout.max_row_words) if self.prefetch else 0)
         commit_counts(o.flags, self.scalars, o.counts, g.totals, g.feature_table,
                       self.flags_host if self.zero_copy else None)
