@@ -63,7 +63,10 @@ class Query:
         return self._offsets
 
     def complete(self, start: int, scores: torch.Tensor) -> None:
-        self.scores[start:start + scores.numel()] = scores
+        if start == 0 and scores.numel() == self.n:  # served whole: its scores are these (no copy)
+            self.scores = scores
+        else:
+            self.scores[start:start + scores.numel()] = scores
         with self._lock:
             self._remaining -= scores.numel()
             last = self._remaining == 0
