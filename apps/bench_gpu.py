@@ -21,6 +21,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--warmup", type=int, default=20, help="untimed batches per shape before them")
     p.add_argument("--json", default="results/bench_gpu.json")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of our budget variant per shape")
+    p.add_argument("--admission", default="always",
+                   help="HBM admission policies of the budget variants, comma-separated (always, second_access, never)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gpu: CUDA is not available here; run it on a GPU machine", file=sys.stderr)
@@ -28,7 +30,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from torchrec_hps.bench.gpu_bench import run_gpu_bench
 
     results = run_gpu_bench(num_tables=args.tables, rows=args.rows, dim=args.dim, reps=args.reps,
-                            warmup=args.warmup, budget=args.budget, profile=args.profile)
+                            warmup=args.warmup, budget=args.budget, profile=args.profile,
+                            admissions=[a.strip() for a in args.admission.split(",") if a.strip()])
     save_json(args.json, {"device": torch.cuda.get_device_name(), "results": results})
     return 0
 

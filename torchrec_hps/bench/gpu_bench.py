@@ -9,7 +9,8 @@ Variants, all over the same tables (rows generated once on the GPU, written to e
 - `fbgemm MANAGED_CACHING`: rows in UVM behind fbgemm's own HBM cache at `budget` of the rows (LRU);
 - `ours all cached`: every row in our HBM level;
 - `ours 10% sync` (`budget`): HBM level at `budget`, the host level (host-mapped, read by the GPU in place)
-  holding every row, synchronous mode: exact output.
+  holding every row, synchronous mode: exact output; one such variant per HBM admission policy asked for
+  (`admissions`; "always" is the default's, unnamed, the others named after the policy).
 Per call: median (p50) and p99 of CUDA-event times over `reps` new batches; Mrows/s = table rows read per
 second (T*B*L / p50); hit rate: fbgemm's counters (share of each batch's distinct ids that were cached),
 ours the share of ids served from HBM (per id).
@@ -91,7 +92,7 @@ def _fbgemm_tbe(specs, location, dev, budget: float):
 
 def run_gpu_bench(num_tables: int = 8, rows: int = 4_000_000, dim: int = 128, shapes: Sequence[Tuple[int, int]] = SHAPES,
                   reps: int = 30, warmup: int = 20, budget: float = 0.1, profile: bool = False,
-                  log: Callable[[str], None] = print) -> List[Dict]:
+                  admissions: Sequence[str] = ("always",), log: Callable[[str], None] = print) -> List[Dict]:
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
     from torchrec import EmbeddingBagConfig
 
@@ -108,13 +109,14 @@ def run_gpu_bench(num_tables: int = 8, rows: int = 4_000_000, dim: int = 128, sh
     managed = _fbgemm_tbe(specs, EmbeddingLocation.MANAGED_CACHING, dev, budget)
     storage = StorageHierarchy.from_config(StorageConfig(memory=MemoryTierConfig(num_partitions=4)))
 
-    def hps(ratio: float) -> HPSEmbeddingBagCollection:
+    def hps(ratio: float, admission: str = "always") -> HPSEmbeddingBagCollection:
         cfg = HPSConfig(model="gpubench", cache=CacheConfig(cache_ratio=ratio, host_cache_ratio=1.0,
-                                                            hit_rate_threshold=1.0))
+                                                            hit_rate_threshold=1.0, admission=admission))
         return HPSEmbeddingBagCollection(tables, cfg, storage=storage, device=dev)
 
     all_cached = hps(1.0)  # registers the tables with the storage
-    ours_sync = hps(budget)
+    budgeted = {f"ours {budget:.0%} sync" + ("" if a == "always" else f" {a}"): hps(budget, a) for a in admissions}
+    ours_sync = next(iter(budgeted.values()))
     gen = torch.Generator(device=dev).manual_seed(0)
     chunk = 1 << 20
     for t, (w_dev, _), (w_uvm, _) in zip(tables, device_tbe.split_embedding_weights(), managed.split_embedding_weights()):
@@ -124,7 +126,7 @@ def run_gpu_bench(num_tables: int = 8, rows: int = 4_000_000, dim: int = 128, sh
         for lo in range(0, rows, chunk):
             storage.put(table_key("gpubench", t.name), torch.arange(lo, min(lo + chunk, rows)), w[lo:lo + chunk].cpu())
         del w
-    for module in (all_cached, ours_sync):  # the host level holds every row (HPS: the full copy in memory)
+    for module in (all_cached, *budgeted.values()):  # the host level holds every row (HPS: the full copy in memory)
         for t in tables:
             for lo in range(0, rows, chunk):
                 module.prefill(t.name, torch.arange(lo, min(lo + chunk, rows)))
@@ -158,13 +160,14 @@ def run_gpu_bench(num_tables: int = 8, rows: int = 4_000_000, dim: int = 128, sh
         torch.testing.assert_close(managed(*idx[-1]), expect, rtol=1e-5, atol=1e-5)
         add("ours all cached", _times_ms(lambda i: all_cached(kjts[i]), warmup, reps), None)
         torch.testing.assert_close(all_cached(kjts[-1]).values(), expect, rtol=1e-5, atol=1e-5)
-        for i in range(warmup):
-            ours_sync(kjts[i])
-        before = _served(ours_sync)
-        times = _times_ms(lambda i: ours_sync(kjts[i + warmup]), 0, reps)
-        ids, hits = (a - b for a, b in zip(_served(ours_sync), before))
-        add(f"ours {budget:.0%} sync", times, hits / max(ids, 1))
-        torch.testing.assert_close(ours_sync(kjts[-1]).values(), expect, rtol=1e-5, atol=1e-5)
+        for variant, module in budgeted.items():
+            for i in range(warmup):
+                module(kjts[i])
+            before = _served(module)
+            times = _times_ms(lambda i: module(kjts[i + warmup]), 0, reps)
+            ids, hits = (a - b for a, b in zip(_served(module), before))
+            add(variant, times, hits / max(ids, 1))
+            torch.testing.assert_close(module(kjts[-1]).values(), expect, rtol=1e-5, atol=1e-5)
         mc = shape_rows[1].p50_ms
         for r in shape_rows:
             log(f"B={batch:6d} L={bag:3d}  {r.variant:22s} p50 {r.p50_ms:7.3f} ms  p99 {r.p99_ms:7.3f} ms  "
@@ -176,10 +179,10 @@ def run_gpu_bench(num_tables: int = 8, rows: int = 4_000_000, dim: int = 128, sh
             _profile("ours all cached", lambda i: all_cached(fresh[i]), f"B={batch} L={bag}", log)
             _profile(f"ours {budget:.0%} sync", lambda i: ours_sync(fresh[i + 6]), f"B={batch} L={bag}", log)
         del kjts, idx
-    paths = [g.path for m in (all_cached, ours_sync) for g in m.engine.groups]
+    paths = [g.path for m in (all_cached, *budgeted.values()) for g in m.engine.groups]
     log(f"lookups: {sum(p.runs for p in paths)}, run again after the miss path: {sum(p.reruns for p in paths)}")
     log(f"index bytes per host-level row: {group.index_bytes() / sum(group.capacities):.1f}")
-    for m in (all_cached, ours_sync):
+    for m in (all_cached, *budgeted.values()):
         m.close()
     storage.close()
     return [asdict(r) for r in results]
