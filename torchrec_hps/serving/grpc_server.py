@@ -3,6 +3,7 @@ the HTTP frontend): health, metadata and ModelInfer with tensor contents or raw_
 as raw_output_contents out (as Triton answers, so tritonclient's as_numpy reads them)."""
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 import grpc
@@ -15,6 +16,13 @@ from torchrec_hps.serving.oip import tensors as oip
 
 if TYPE_CHECKING:
     from torchrec_hps.serving.server import InferenceServer
+
+
+def _client_gone(context) -> bool:
+    """The call's deadline has passed: gRPC has cancelled it, so no answer can be sent (trying makes grpcio
+    log an ExecuteBatchError with a traceback, one per such query under overload)."""
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -44,6 +52,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                         inputs=tensors(meta["inputs"]), outputs=tensors(meta["outputs"]))
 
     async def ModelInfer(self, request, context):
+        # a query whose client gave up (deadline passed, in gRPC's queue or in ours) is dropped quietly: a
+        # cancelled call, not an error (before, a deadline already passed read as timeout_ms=0, a 400)
+        if _client_gone(context):
+            raise asyncio.CancelledError
         try:
             self.server.repository.get(request.model_name, request.model_version or None)
             tensors = oip.decode_grpc_inputs(request)
@@ -54,7 +66,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             scores, used = await self.server.infer(request.model_name, request.model_version or None, tensors,
                                                    timeout_ms=timeout, request_id=request.id)
         except RequestError as e:
+            if _client_gone(context):
+                raise asyncio.CancelledError from None
             await context.abort(e.grpc_code, str(e))
+        if _client_gone(context):
+            raise asyncio.CancelledError
         out = pb.ModelInferResponse.InferOutputTensor(name="scores", datatype="FP32", shape=[int(scores.shape[0])])
         return pb.ModelInferResponse(model_name=request.model_name, model_version=used, id=request.id,
                                      outputs=[out],
