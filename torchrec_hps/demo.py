@@ -96,7 +96,7 @@ def run_demo(batches: int = 40, batch_size: int = 512, max_rows: int = 200_000, 
             while consumer.lag() > 0 and time.monotonic() < deadline:
                 time.sleep(0.2)
             log(f"trained {train_steps} steps (loss {loss:.3f}) with the train bridge on; the serving node applied "
-                f"{consumer.stats['applied_rows']:,} updated rows")
+                f"{consumer.stats.applied_rows:,} updated rows")
             # dense layers are redeployed as usual; the embeddings arrived through Kafka
             served.load_state_dict({k: v for k, v in model.state_dict().items() if "embedding_bags" not in k},
                                    strict=False)

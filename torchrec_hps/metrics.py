@@ -88,8 +88,8 @@ class HPSCollector:
         rejected = counter("update_rejected_messages", "malformed update messages skipped", ["model"])
         lag = GaugeMetricFamily("hps_update_lag_messages", "update messages not yet applied", labels=["model"])
         for c in self.consumers:
-            applied.add_metric([c.model], c.stats["applied_rows"])
-            rejected.add_metric([c.model], c.stats["rejected_messages"])
+            applied.add_metric([c.model], c.stats.applied_rows)
+            rejected.add_metric([c.model], c.stats.rejected_messages)
             lag.add_metric([c.model], c.lag())
         yield applied
         yield rejected

@@ -53,8 +53,8 @@ def run_trainer(cfg: ServingConfig, steps: int, checkpoint: Optional[str] = None
     bridge.publish_pending()
     if save:
         torch.save(ebc.state_dict(), save)
-    result = {"steps": steps, "rows_published": bridge.publisher.stats["rows"],
-              "messages": bridge.publisher.stats["messages"]}
+    result = {"steps": steps, "rows_published": bridge.publisher.stats.rows,
+              "messages": bridge.publisher.stats.messages}
     log(json.dumps({"trainer": result}))
     return result
 
@@ -94,7 +94,7 @@ def run_inference_node(cfg: ServingConfig, duration_s: float, batch_size: int = 
             time.sleep(0.2)
         stats = hps.stats()
         result = {"lookups": lookups, "lag": consumer.lag() if consumer else 0,
-                  "applied_rows": consumer.stats["applied_rows"] if consumer else 0,
+                  "applied_rows": consumer.stats.applied_rows if consumer else 0,
                   "hit_rate": {t.name: round(stats[t.name]["hit_rate"], 4) for t in cfg.tables},
                   "p99_ms": stats["_module"].get("p99_ms")}
     finally:

@@ -31,9 +31,9 @@ def _hierarchy(tier_factory, namespace, bottom="rocksdb"):
 
 def _drain(consumer, want_rows, timeout=60.0):
     deadline = time.monotonic() + timeout
-    while consumer.stats["applied_rows"] < want_rows and time.monotonic() < deadline:
+    while consumer.stats.applied_rows < want_rows and time.monotonic() < deadline:
         consumer.poll_once()
-    return consumer.stats["applied_rows"]
+    return consumer.stats.applied_rows
 
 
 def test_published_rows_reach_tiers_and_cache(kafka, tier_factory, namespace):
@@ -97,7 +97,7 @@ def test_corrupt_and_foreign_messages_are_skipped_and_counted(kafka, tier_factor
         raw.produce(topic, value=value, partition=1)
     raw.flush(30)
     _drain(consumer, 1)
-    assert consumer.stats["rejected_messages"] == 4
+    assert consumer.stats.rejected_messages == 4
     assert h.get(f"{namespace}.t1", torch.tensor([5])).rows[0, 0] == 9.0
     consumer.stop()
 
@@ -116,7 +116,7 @@ def test_poison_message_is_rejected_alone_and_the_rest_applies(kafka, tier_facto
         raw.produce(topic, value=encode(np.array([i]), np.full((1, 4), 3.0, np.float32)), partition=0)
     raw.flush(30)
     assert _drain(consumer, 10, timeout=20) == 10
-    assert consumer.stats["rejected_messages"] == 2 and consumer.stats["apply_failures"] == 0
+    assert consumer.stats.rejected_messages == 2 and consumer.stats.apply_failures == 0
     assert h.get(f"{namespace}.t2", torch.arange(10)).rows.eq(3.0).all()
     assert not h.get(f"{namespace}.t2", torch.tensor([50])).found.any()  # the NaN row was not written
     consumer.stop()
@@ -138,15 +138,15 @@ def test_tier_down_during_apply_is_retried_without_committing(kafka, servers, ti
         pub.publish("t2", torch.arange(30), torch.full((30, 4), 4.0))
         pub.flush()
         deadline = time.monotonic() + 30
-        while consumer.stats["apply_failures"] == 0 and time.monotonic() < deadline:
+        while consumer.stats.apply_failures == 0 and time.monotonic() < deadline:
             consumer.poll_once()
-        assert consumer.stats["apply_failures"] > 0 and consumer.stats["applied_rows"] == 0
+        assert consumer.stats.apply_failures > 0 and consumer.stats.applied_rows == 0
     finally:
         servers.redis.start(fresh=False)
     time.sleep(0.6)  # past the Redis tier's retry_interval
     assert _drain(consumer, 30) == 30
     assert h.get(f"{namespace}.t2", torch.arange(30)).rows.eq(4.0).all()
-    assert consumer.stats["rejected_messages"] == kafka.num_partitions  # once each, however often re-read
+    assert consumer.stats.rejected_messages == kafka.num_partitions  # once each, however often re-read
     consumer.stop()
 
 
@@ -198,9 +198,9 @@ def test_training_to_inference_end_to_end(kafka, tier_factory, namespace):
         with torch.no_grad():
             hps(batch())  # serving goes on the whole time
     deadline = time.monotonic() + 60
-    while consumer.stats["applied_rows"] < bridge.publisher.stats["rows"] and time.monotonic() < deadline:
+    while consumer.stats.applied_rows < bridge.publisher.stats.rows and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert consumer.stats["applied_rows"] == bridge.publisher.stats["rows"] > 0
+    assert consumer.stats.applied_rows == bridge.publisher.stats.rows > 0
     probe = KeyedJaggedTensor.from_lengths_sync(keys=["f1", "f2"], values=torch.cat([torch.arange(500), torch.arange(100)]),
                                                 lengths=torch.tensor([1] * 500 + [0] * 100 + [1] * 100 + [0] * 500))
     with torch.no_grad():
@@ -224,7 +224,7 @@ def test_new_node_starts_from_the_snapshot_offsets(kafka, tier_factory, namespac
     assert _drain(consumer, 15) == 15
     for _ in range(3):
         consumer.poll_once(timeout=0.3)
-    assert consumer.stats["applied_rows"] == 15  # nothing before the snapshot replayed, nothing after it lost
+    assert consumer.stats.applied_rows == 15  # nothing before the snapshot replayed, nothing after it lost
     rows = h.get(f"{namespace}.t2", torch.arange(40)).rows[:, 0]
     assert rows[10:25].eq(2.0).all() and rows[:10].eq(1.0).all() and rows[25:].eq(1.0).all()
     consumer.stop()
@@ -247,7 +247,7 @@ def test_rejected_messages_go_to_the_dead_letter_topic_with_their_source(kafka, 
         raw.produce(topic, value=encode(np.array([i]), np.full((1, 4), 2.0, np.float32)), partition=1)
     raw.flush(30)
     assert _drain(consumer, 5, timeout=20) == 5
-    assert consumer.stats["rejected_messages"] == 2 and consumer.stats["dead_lettered"] == 2
+    assert consumer.stats.rejected_messages == 2 and consumer.stats.dead_lettered == 2
     assert h.get(f"{namespace}.t2", torch.arange(5)).rows.eq(2.0).all()
     consumer.stop()
     reader = Consumer({"bootstrap.servers": kafka.bootstrap_servers, "group.id": f"{namespace}-dlq-reader",
@@ -277,10 +277,10 @@ def test_wait_caught_up_returns_once_everything_published_is_applied(kafka, tier
     consumer = UpdateConsumer(kafka, namespace, h, ["t1", "t2"], group_id=f"{namespace}-catch-up")
     t0 = time.monotonic()
     assert not consumer.wait_caught_up(0.5)
-    assert time.monotonic() - t0 >= 0.5 and consumer.stats["applied_rows"] == 0
+    assert time.monotonic() - t0 >= 0.5 and consumer.stats.applied_rows == 0
     consumer.start()
     assert consumer.wait_caught_up(60)
-    assert consumer.stats["applied_rows"] == len(ids)  # every row, read back exactly
+    assert consumer.stats.applied_rows == len(ids)  # every row, read back exactly
     torch.testing.assert_close(h.get(f"{namespace}.t1", ids).rows, new, rtol=0, atol=0)
     consumer.stop()
     h.close()

@@ -64,7 +64,7 @@ def test_tracked_rows_of_a_dmp_step_reach_the_tiers(dmp, kafka_bootstrap, tier_f
     dense_opt.step()
     assert bridge.publish_step() == 5  # t1 rows 1, 2, 3 and t2 rows 4, 5
     deadline = time.monotonic() + 30
-    while consumer.stats["applied_rows"] < 5 and time.monotonic() < deadline:
+    while consumer.stats.applied_rows < 5 and time.monotonic() < deadline:
         consumer.poll_once()
     state = dmp.state_dict()
     for table, ids in (("t1", [1, 2, 3]), ("t2", [4, 5])):

@@ -144,7 +144,7 @@ def test_a_version_loaded_from_kafka_updated_tiers_serves_the_published_rows(tmp
         assert r.status_code == 200, r.text
         served = s.server.repository.get(name)
         assert served.version == "2"
-        assert served.consumer.stats["applied_rows"] >= sum(t.num_embeddings for t in TABLES)
+        assert served.consumer.stats.applied_rows >= sum(t.num_embeddings for t in TABLES)
         client = httpclient.InferenceServerClient(s.http_url)
         gen = np.random.default_rng(11)
         for _ in range(5):

@@ -41,10 +41,10 @@ def run_update_bench(bootstrap: str, rows: int = 200_000, dim: int = 128, rounds
         publish_s = time.perf_counter() - t0
         consumer = UpdateConsumer(kafka, model, storage, ["t"], modules=[hps], group_id=f"{model}-a")
         t0 = time.perf_counter()
-        while consumer.stats["applied_rows"] < rows and time.perf_counter() - t0 < 300:
+        while consumer.stats.applied_rows < rows and time.perf_counter() - t0 < 300:
             consumer.poll_once(max_messages=2000)
         apply_s = time.perf_counter() - t0
-        applied = consumer.stats["applied_rows"]
+        applied = consumer.stats.applied_rows
         log(f"published {rows:,} rows of {dim * 4} B in {publish_s:.2f}s ({rows / publish_s / 1e3:.0f}K rows/s); "
             f"one consumer applied {applied:,} in {apply_s:.2f}s ({applied / apply_s / 1e3:.0f}K rows/s)")
         consumer.start()  # 2) latency: a background consumer, one probe id updated every interval

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -26,6 +27,21 @@ from torchrec_hps.warnings_log import limited
 
 logger = logging.getLogger(__name__)
 _warnings = limited(logger)
+
+
+@dataclass
+class ConsumerStats:
+    """What one consumer has done (metrics.py exports the counters)."""
+
+    applied_messages: int = 0
+    applied_rows: int = 0  # rows of applied messages (one superseded within its batch counts too)
+    rejected_messages: int = 0  # corrupt, or rows no tier may take: skipped, counted once
+    apply_failures: int = 0  # batches whose tier writes failed (rewound, retried)
+    dead_lettered: int = 0  # rejected messages copied to the dead-letter topic
+    last_applied_time: float = 0.0  # wall clock of the last applied batch
+
+    def as_dict(self) -> Dict[str, float]:
+        return asdict(self)
 
 
 class UpdateConsumer:
@@ -60,8 +76,7 @@ class UpdateConsumer:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
-        self.stats = {"applied_messages": 0, "applied_rows": 0, "rejected_messages": 0, "apply_failures": 0,
-                      "dead_lettered": 0, "last_applied_time": 0.0}
+        self.stats = ConsumerStats()
         self._dlq = None  # the dead-letter producer, made on the first rejected message
 
     def _on_assign(self, consumer, partitions) -> None:
@@ -108,7 +123,7 @@ class UpdateConsumer:
             rows = self._apply(per_table)
             self._dead_letter(rejected)  # before the commit: a rejected message is never lost
         except Exception as e:  # a tier (or the dead-letter topic) is down: rewind, commit nothing, retry later
-            self.stats["apply_failures"] += 1
+            self.stats.apply_failures += 1
             _warnings.warn(("consumer.apply", self.model, type(e).__name__),
                            "applying %d update messages failed (%s); retrying in %.1fs", applied, e,
                            self.config.retry_backoff)
@@ -125,10 +140,10 @@ class UpdateConsumer:
                                   asynchronous=False)
         for topic, partition, offset, reason, _ in rejected:  # counted once, with the batch that commits them
             logger.warning("skipping update %s[%d]@%d: %s", topic, partition, offset, reason)
-        self.stats["rejected_messages"] += len(rejected)
-        self.stats["applied_messages"] += applied
-        self.stats["applied_rows"] += rows
-        self.stats["last_applied_time"] = time.time()
+        self.stats.rejected_messages += len(rejected)
+        self.stats.applied_messages += applied
+        self.stats.applied_rows += rows
+        self.stats.last_applied_time = time.time()
         return applied
 
     def _dead_letter(self, rejected: List[Tuple[str, int, int, str, bytes]]) -> None:
@@ -159,7 +174,7 @@ class UpdateConsumer:
         left = self._dlq.flush(30)
         if left or failed:
             raise RuntimeError(f"dead-letter topic {topic!r}: {left} messages undelivered, errors {failed[:3]}")
-        self.stats["dead_lettered"] += len(rejected)
+        self.stats.dead_lettered += len(rejected)
 
     def _check_rows(self, table: str, ids: torch.Tensor, rows: torch.Tensor) -> None:
         """A well-formed message can still carry rows no tier may take: reject it alone, not the batch."""

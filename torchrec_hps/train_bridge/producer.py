@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -99,6 +100,20 @@ def snapshot_offsets(config: KafkaConfig, model: str, tables: Sequence[str], tim
         probe.close()
 
 
+@dataclass
+class PublisherStats:
+    """What one publisher has sent (metrics.py exports the counters)."""
+
+    messages: int = 0
+    rows: int = 0
+    delivered: int = 0  # messages the broker acknowledged
+    delivery_failures: int = 0  # delivery reports with an error (each produced again at flush)
+    redelivered: int = 0
+
+    def as_dict(self) -> Dict[str, float]:
+        return asdict(self)
+
+
 class DeltaPublisher:
     """Publishes (ids, rows) per table of one model."""
 
@@ -115,13 +130,13 @@ class DeltaPublisher:
         self._lock = threading.Lock()
         self._failed: List[Tuple[str, int, bytes]] = []
         self.max_redeliveries = max_redeliveries
-        self.stats = {"messages": 0, "rows": 0, "delivered": 0, "delivery_failures": 0, "redelivered": 0}
+        self.stats = PublisherStats()
 
     def _on_delivery(self, err, msg) -> None:
         if err is None:
-            self.stats["delivered"] += 1
+            self.stats.delivered += 1
             return
-        self.stats["delivery_failures"] += 1
+        self.stats.delivery_failures += 1
         logger.warning("delivery to %s[%s] failed: %s (will produce it again at flush)", msg.topic(), msg.partition(), err)
         with self._lock:
             self._failed.append((msg.topic(), msg.partition(), msg.value()))
@@ -152,8 +167,8 @@ class DeltaPublisher:
             for value in encode_chunks(ids_np[sel], rows_np[sel], self.config.max_message_bytes):
                 self._produce(topic, int(p), value)
                 n += 1
-        self.stats["messages"] += n
-        self.stats["rows"] += len(ids_np)
+        self.stats.messages += n
+        self.stats.rows += len(ids_np)
         return n
 
     def flush(self, timeout: float = 60.0) -> None:
@@ -169,7 +184,7 @@ class DeltaPublisher:
                 raise PublishError(f"{len(failed)} messages failed delivery and {left} are still queued after "
                                    f"{self.max_redeliveries} redeliveries")
             for topic, partition, value in failed:
-                self.stats["redelivered"] += 1
+                self.stats.redelivered += 1
                 self._produce(topic, partition, value)
 
     def close(self) -> None:
