@@ -23,10 +23,16 @@ def _json(data, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json")
 
 
+def _error_parts(e: RequestError) -> Tuple[int, bytes, List[Tuple[bytes, bytes]]]:
+    """(status, body, extra headers) of an error answer: 429/503 say when to retry."""
+    headers = [(b"retry-after", b"1")] if e.http_status in (429, 503) else []
+    return e.http_status, orjson.dumps({"error": str(e)}), headers
+
+
 def _error(e: RequestError) -> Response:
-    headers = {"Retry-After": "1"} if e.http_status in (429, 503) else None
-    return Response(orjson.dumps({"error": str(e)}), status_code=e.http_status, media_type="application/json",
-                    headers=headers)
+    status, body, headers = _error_parts(e)
+    return Response(body, status_code=status, media_type="application/json",
+                    headers={k.decode(): v.decode() for k, v in headers})
 
 
 def build_app(server: "InferenceServer") -> "InferFirst":
@@ -151,8 +157,8 @@ class InferFirst:
             scores, used = await server.infer(name, version, tensors, timeout_ms=params.get("timeout_ms"),
                                               request_id=str(body.get("id") or ""))
         except RequestError as e:
-            headers = [(b"retry-after", b"1")] if e.http_status in (429, 503) else []
-            return e.http_status, orjson.dumps({"error": str(e)}), [_JSON] + headers
+            status, body, headers = _error_parts(e)
+            return status, body, [_JSON] + headers
         head_out, tail_out = oip.encode_json_response(name, used, body.get("id"), "scores", scores,
                                                       oip.wants_binary(body, "scores"))
         if not tail_out:
