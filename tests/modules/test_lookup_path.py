@@ -127,9 +127,9 @@ def check_hbm_level(group) -> int:
     hbm, index, host = group.hbm, group.index, group.host_rows
     tags = hbm.tags.long()
     held = torch.nonzero(tags >= 0).view(-1)
-    assert torch.equal(hbm.hbm_of_host[tags[held]].long(), held), "a tag and its back pointer disagree"
-    pointed = torch.nonzero(hbm.hbm_of_host >= 0).view(-1)
-    assert torch.equal(torch.sort(tags[hbm.hbm_of_host[pointed].long()]).values, torch.sort(pointed).values)
+    assert torch.equal(hbm.rows_of(tags[held]), held), "a tag and its entry's way disagree"
+    pointed = torch.nonzero(hbm.way_of_host >= 0).view(-1)
+    assert torch.equal(torch.sort(tags[hbm.rows_of(pointed)]).values, torch.sort(pointed).values)
     assert bool((index.keys[tags[held]] >= 0).all()), "an HBM row copies an entry the host level dropped"
     table = torch.searchsorted(index.entry_base, tags[held], right=True) - 1
     lay = host.layout

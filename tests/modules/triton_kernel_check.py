@@ -9,9 +9,10 @@ import sys
 import torch
 
 
-def _two_levels(lfu: bool, hbm: bool, admission: int, all_direct: bool = False, touch: bool = True):
+def _two_levels(lfu: bool, hbm: bool, admission: int, all_direct: bool = False, touch: bool = True,
+                hbm_whole: bool = False):
     """A host index of 4 tables (one direct-mapped, or all: the probe's one-key path) with ids inserted, and an
-    HBM level holding some."""
+    HBM level holding some (`hbm_whole`: one with a row for every entry, holding some)."""
     from torchrec_hps.modules.cache.hbm_level import HBMLevel, HostRowLayout
     from torchrec_hps.modules.cache.probe_kernel import ProbeTables
     from torchrec_hps.modules.cache.set_index import SetIndex
@@ -25,22 +26,21 @@ def _two_levels(lfu: bool, hbm: bool, admission: int, all_direct: bool = False, 
         index.insert(torch.full_like(ids, t), ids, tick=3, protect_tick=3)
     index.ticks[index.keys >= 0] = torch.randint(1, 6, (int((index.keys >= 0).sum()),), generator=g,
                                                  dtype=torch.int32)
-    level = None
-    if hbm:
-        level = HBMLevel(64, 64, index.num_entries, torch.device("cpu"))
-        level.n_staging = 24  # fewer than the candidates left without a way: both cases
-        level.rows = torch.zeros(level.capacity + level.n_staging, 64, dtype=torch.uint8)
-        level.row_words = level.rows.view(torch.int32)
-        held = torch.nonzero(index.keys >= 0).view(-1)[::3][:40]
-        level.hbm_of_host[held] = torch.arange(len(held), dtype=torch.int32)
-        level.tags[:len(held)] = held.to(torch.int32)
-        level.ticks[:len(held)] = 2
     words = torch.randint(-1000, 1000, (sum((c + 1) * 8 for c in index.capacities),), generator=g, dtype=torch.int32)
     offsets = [0]
     for c in index.capacities[:-1]:
         offsets.append(offsets[-1] + (c + 1) * 8)
     layout = HostRowLayout(words=words, entry_base=index.entry_base, word_offset=torch.tensor(offsets),
                            row_words=torch.full((4,), 8), max_row_words=8)
+    level = None
+    if hbm:
+        level = HBMLevel(index.num_entries if hbm_whole else 64, 64, index.ticks, torch.device("cpu"))
+        level.n_staging = 24  # fewer than the candidates left without a way: both cases
+        level.rows = torch.zeros(level.capacity + level.n_staging, 64, dtype=torch.uint8)
+        level.row_words = level.rows.view(torch.int32)
+        level.fill(torch.nonzero(index.keys >= 0).view(-1)[::3][:40], tick=2, host=layout)
+        assert int((level.tags >= 0).sum()) > 20, "the fixture's HBM level holds too few rows"
+        assert level.direct == hbm_whole
     ft = [0, 1, 2, 3, 0]  # feature -> table (two features share table 0)
 
     def per_feature(vals, dummy):
@@ -53,7 +53,8 @@ def _two_levels(lfu: bool, hbm: bool, admission: int, all_direct: bool = False, 
         feature_entry_base=per_feature(index.entry_base[ft].tolist(), 0),
         feature_direct=per_feature(index.direct[ft].tolist(), 0).to(torch.bool),
         keys=index.keys, ticks=index.ticks, freq=index.freq,
-        hbm_of_host=level.hbm_of_host if level else None, hbm_ticks=level.ticks if level else None,
+        hbm_way=level.way_of_host if level else None, hbm_n_sets=level.n_sets if level else 1,
+        hbm_direct=hbm_whole,
         admission=admission, all_direct=all_direct, touch=touch)
     assert bool(index.direct.all()) == all_direct
     return index, level, layout, tables, ft
@@ -61,7 +62,7 @@ def _two_levels(lfu: bool, hbm: bool, admission: int, all_direct: bool = False, 
 
 def _clone_state(index, level):
     return [x.clone() for x in (index.ticks, index.freq if index.freq is not None else index.ticks)] + \
-        ([x.clone() for x in (level.tags, level.ticks, level.hbm_of_host, level.rows)] if level else [])
+        ([x.clone() for x in (level.tags, level.way_of_host, level.rows)] if level else [])
 
 
 def _restore(index, level, state):
@@ -69,7 +70,7 @@ def _restore(index, level, state):
     if index.freq is not None:
         index.freq.copy_(state[1])
     if level:
-        for x, y in zip((level.tags, level.ticks, level.hbm_of_host, level.rows), state[2:]):
+        for x, y in zip((level.tags, level.way_of_host, level.rows), state[2:]):
             x.copy_(y)
 
 
@@ -85,8 +86,10 @@ def check_probe_and_admission() -> None:
     for trial in range(11):  # the last three: every table direct-mapped (the last recording no use)
         lfu, hbm = trial % 2 == 1, trial % 4 != 3
         admission = [ADMIT_ALWAYS, ADMIT_SECOND, ADMIT_ALWAYS, ADMIT_NEVER][trial % 4]
-        index, level, layout, tables, ft = _two_levels(lfu, hbm, admission, all_direct=trial >= 8,
-                                                       touch=trial != 10)
+        # trials 9 and 10: an HBM level with a row per entry (the probe's one-byte path; no admission)
+        index, level, layout, tables, ft = _two_levels(lfu, hbm, ADMIT_NEVER if trial in (9, 10) else admission,
+                                                       all_direct=trial >= 8, touch=trial != 10,
+                                                       hbm_whole=trial in (9, 10))
         bucket, n_features = 1024, len(ft)
         n = int(torch.randint(1, bucket, (1,), generator=g))
         ends = torch.minimum(torch.randint(0, n + 1, (n_features,), generator=g).cumsum(0), torch.tensor(n))
@@ -118,35 +121,36 @@ def check_probe_and_admission() -> None:
                 pk.probe_torch(values, scalars, ends, tables, out)
             cands = torch.sort(out.cand[:int(out.cand_count)]).values
             victims = torch.full((bucket,), -7, dtype=torch.int32)
-            if level is not None:
+            if level is not None and not level.direct:
                 c = int(out.cand_count)
                 out.cand[:c] = cands  # sorted, as admit() sorts them
                 if fused:
                     level.set_fill.zero_()
                     level.stage_count.zero_()
                     grid = (triton.cdiv(bucket, hl.BLOCK),)
-                    hl._select_kernel[grid](out.cand, out.cand_count, scalars, level.set_fill, level.tags, level.ticks,
+                    hl._select_kernel[grid](out.cand, out.cand_count, scalars, level.set_fill, level.tags, index.ticks,
                                             victims, level.n_sets, level.stage_count, level.capacity,
                                             level.n_staging, DIRECT=level.direct, W=HBM_WAYS, BLOCK_SIZE=hl.BLOCK)
                     blocks = triton.cdiv(bucket, hl.COPY_BLOCK)  # a bounded grid (2 programs): the grid-stride path
-                    hl._apply_kernel[(2,)](out.cand, out.cand_count, scalars, victims, level.tags, level.ticks,
-                                           level.hbm_of_host, level.capacity, layout.words, layout.entry_base, layout.word_offset,
+                    hl._apply_kernel[(2,)](out.cand, out.cand_count, victims, level.tags, level.way_of_host,
+                                           level.capacity, layout.words, layout.entry_base, layout.word_offset,
                                            layout.row_words, 4, level.row_words, level.row_words.shape[1],
-                                           triton.cdiv(blocks, 2), SEARCH_STEPS=3, MAX_WORDS=8,
+                                           triton.cdiv(blocks, 2), SEARCH_STEPS=3, MAX_WORDS=8, W=HBM_WAYS,
                                            BLOCK_SIZE=hl.COPY_BLOCK)
-                    hl._relocate_kernel[(1,)](out.entries, out.locs, level.hbm_of_host, bucket, BLOCK_SIZE=1024)
+                    hl._relocate_kernel[(1,)](out.entries, out.locs, out.cand, out.cand_count, victims, bucket,
+                                              bucket.bit_length(), BLOCK_SIZE=1024)
                 else:
                     level._admit_torch(out.cand, c, victims, 9, layout, stage=True)
-                    hl.relocate(out.entries, out.locs, level.hbm_of_host)
+                    hl.relocate(out.entries, out.locs, out.cand, out.cand_count, victims)
                 admitted += int(((victims[:c] >= 0) & (victims[:c] < level.capacity)).sum())
                 staged += int((victims[:c] >= level.capacity).sum())
             results.append((out.slots.clone(), out.locs.clone(), out.entries.clone(), out.flags.clone(),
                             out.counts.clone(), cands, index.ticks.clone(),
                             index.freq.clone() if lfu else None, victims.clone(),
-                            *(x.clone() for x in ((level.tags, level.ticks, level.hbm_of_host, level.rows)
+                            *(x.clone() for x in ((level.tags, level.way_of_host, level.rows)
                                                   if level else ()))))
         names = ("slots", "locs", "entries", "flags", "counts", "candidates", "host ticks", "LFU counts", "victims",
-                 "HBM tags", "HBM ticks", "HBM pointers", "HBM rows")
+                 "HBM tags", "HBM ways", "HBM rows")
         for name, ref, got in zip(names, *results):
             if ref is not None:
                 assert torch.equal(ref, got), f"trial {trial}: {name} differ"

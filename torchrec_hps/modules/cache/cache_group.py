@@ -111,7 +111,7 @@ class TBECacheGroup(EmbeddingCacheGroup):
                 hbm_rows = self.index.num_entries
             self.hbm = HBMLevel(hbm_rows,
                                 max(int(w.shape[1]) for w, _ in self.tbe.split_embedding_weights()),
-                                self.index.num_entries, device)
+                                self.index.ticks, device)
         self.pooled_lookup = bind_pooled_lookup(self.tbe, self.hbm.rows if (cuda and self.hbm) else None)
         self.n_features = len(feature_tables)
         self.feature_table_list = list(feature_tables)
@@ -133,7 +133,8 @@ class TBECacheGroup(EmbeddingCacheGroup):
             feature_entry_base=per_feature(self.index.entry_base[ft].tolist(), 0),
             feature_direct=per_feature(self.index.direct[ft].tolist(), 0).to(torch.bool),
             keys=self.index.keys, ticks=self.index.ticks, freq=self.index.freq,
-            hbm_of_host=self.hbm.hbm_of_host if self.hbm else None, hbm_ticks=self.hbm.ticks if self.hbm else None,
+            hbm_way=self.hbm.way_of_host if self.hbm else None, hbm_n_sets=self.hbm.n_sets if self.hbm else 1,
+            hbm_direct=hbm_whole,
             # HBM holding the whole host level is written with it (insert_rows): lookups admit nothing
             admission=ADMISSION["never"] if hbm_whole else ADMISSION[config.admission],
             all_direct=all_direct, touch=not (all_direct and (hbm_whole or self.hbm is None)))
@@ -294,9 +295,7 @@ class TBECacheGroup(EmbeddingCacheGroup):
         # a plain attribute write: nn.Module.__setattr__ costs microseconds on the per-lookup path
         tick = self._tick + 1
         if tick >= MAX_TICK:  # int32 ticks: shift every tick down, keeping the LRU order
-            self.index.rebase_ticks(MAX_TICK // 2)
-            if self.hbm is not None:
-                self.hbm.rebase_ticks(MAX_TICK // 2)
+            self.index.rebase_ticks(MAX_TICK // 2)  # the HBM level's order too (it reads these ticks)
             tick -= MAX_TICK // 2
         self.__dict__["_tick"] = tick
 

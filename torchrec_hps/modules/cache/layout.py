@@ -10,6 +10,7 @@ import torch
 
 WAYS = 16  # ways per set of the host level's index: 16 int64 keys = one 128-byte line per probe
 HBM_WAYS = 16  # ways per set of the HBM level (tags are host-level entries)
+NO_WAY = -1  # a host entry without an HBM row (its int8 way code)
 EMPTY_KEY = -1  # a free way of the host index (ids are >= 0)
 NO_ROW = -1  # "not in HBM": fbgemm's TBE then reads the row from the host level (kCacheLocationMissing)
 DEFAULT_SLOT = 0  # host-level row 0 of every table holds the default vector (misses, bad ids, padding)
@@ -41,3 +42,10 @@ def set_of(ids: torch.Tensor, set_base: torch.Tensor, n_sets: torch.Tensor, dire
     aligned with ids). A table the level holds whole is direct-mapped: id k goes to set k // WAYS, so every
     id has a way and no set ever overflows; other tables hash."""
     return set_base + torch.where(direct, ids // WAYS, mix64(ids)) % n_sets
+
+
+def hbm_set_of(entries: torch.Tensor, n_sets: int, direct: bool) -> torch.Tensor:
+    """The HBM set of host entries: fixed by the entry, so an entry's HBM row is found from its way alone
+    (one byte per entry). An HBM level with a row per entry maps entry e to set e // HBM_WAYS; others hash."""
+    e = entries.to(torch.int64)
+    return (e // HBM_WAYS if direct else mix64(e)) % n_sets

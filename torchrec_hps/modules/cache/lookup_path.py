@@ -3,7 +3,7 @@
 Per (batch size, id-count bucket, weighted) a graph is captured over static buffers. From a KJT's ids and
 lengths as they come (no engine checks, no KJT rebuild) it runs: offsets, feature ends and the layout check
 (offsets_kernel.py); the probe of the host level's index for every id of every table (probe_kernel.py);
-admission into HBM (hbm_level.py; rows staged for this lookup alone are released after the TBE); the
+admission into HBM (hbm_level.py; rows staged for this lookup alone are reached only through its own locs); the
 counters, added only for lookups that count (commit_counts). The
 flags word lands in pinned host memory, written in place by the kernels. Small batches run the TBE in the
 graph too and copy its output out; larger ones run it right after the graph through a direct call of
@@ -140,11 +140,6 @@ class Shape:
             self.flags_host.copy_(o.flags, non_blocking=True)
         if self.pooled_in_graph:
             self.out = g.pooled_lookup(o.slots, self.offsets, None, o.locs)
-            self.unstage(g)
-
-    def unstage(self, g: "TBECacheGroup") -> None:
-        if g.hbm is not None:
-            g.hbm.unstage(self.probe_out.cand, self.probe_out.cand_count, self.victims)
 
     def _warm_up(self, g: "TBECacheGroup") -> None:
         """One run on an empty batch, on a side stream (lazy allocations, kernel compilation, library handles
@@ -237,7 +232,6 @@ class LookupPath:
         if not shape.pooled_in_graph:  # queued behind the graph
             if pooled:
                 out = g.pooled_lookup(shape.slots[:n], shape.offsets, weights, shape.probe_out.locs[:n])
-            shape.unstage(g)
         if rerun:
             self.reruns += 1
         else:

@@ -5,7 +5,7 @@ check the id against its table's range, probe its set in the host level's index 
 - `slots[p]`: the row in its table's host rows (the TBE's index; DEFAULT_SLOT on a miss or a bad id),
 - `locs[p]`: its HBM row, or NO_ROW (the TBE then reads the host row in place, over PCIe),
 - `entries[p]`: the index entry, or -1;
-touch the entry's tick (and LFU count) and its HBM row's tick; append each entry touched first in this
+touch the entry's tick (and LFU count; the HBM row's recency is the entry's tick); append each entry touched first in this
 lookup that is not in HBM (and passes the admission rule) to `cand` for hbm_level.admit; OR into `flags`
 whether an id is in neither level (FLAG_MISS) or out of range (FLAG_INVALID); and count per feature: ids,
 ids not served from HBM, ids in neither level, distinct hits (into `counts` [4, F], zeroed by the caller).
@@ -23,8 +23,8 @@ from typing import Optional
 import torch
 
 from torchrec_hps.modules.cache.layout import (ADMIT_ALWAYS, ADMIT_NEVER, ADMIT_SECOND, DEFAULT_SLOT, FLAG_INVALID,
-                                               FLAG_MISS, HASH_MASK, HASH_MUL, NO_ROW, RESERVED_SLOTS, WAYS,
-                                               set_of)
+                                               FLAG_MISS, HASH_MASK, HASH_MUL, HBM_WAYS, NO_ROW, RESERVED_SLOTS,
+                                               WAYS, hbm_set_of, set_of)
 
 try:  # Triton comes with torch on Linux; the kernel is only launched on CUDA tensors
     import triton
@@ -49,11 +49,12 @@ class ProbeTables:
     keys: torch.Tensor  # int64 [entries]
     ticks: torch.Tensor  # int32 [entries]
     freq: Optional[torch.Tensor]  # int32 [entries], LFU only
-    hbm_of_host: Optional[torch.Tensor]  # int32 [entries]
-    hbm_ticks: Optional[torch.Tensor]  # int32 [HBM rows]
+    hbm_way: Optional[torch.Tensor]  # int8 [entries]: the entry's way in its HBM set (hbm_level.py), or NO_WAY
+    hbm_n_sets: int = 1
+    hbm_direct: bool = False  # the HBM level has a row per entry (entry e in set e // HBM_WAYS)
     admission: int = ADMIT_NEVER
     all_direct: bool = False  # every table direct-mapped: the kernel reads one key per id, no set
-    # record use (ticks, LFU counts, HBM ticks, first touches, candidates): needed unless nothing is ever
+    # record use (ticks, LFU counts, first touches, candidates): needed unless nothing is ever
     # evicted or admitted (every table held whole and an HBM row for every entry)
     touch: bool = True
 
@@ -95,8 +96,10 @@ def probe_torch(values: torch.Tensor, scalars: torch.Tensor, ends: torch.Tensor,
     entry = torch.where(hit, sets * WAYS + match.to(torch.int8).argmax(1), torch.full_like(sets, -1))
     slot = torch.where(hit, RESERVED_SLOTS + entry - t.feature_entry_base[fidx], torch.full_like(sets, DEFAULT_SLOT))
     loc = torch.full_like(sets, NO_ROW)
-    if t.hbm_of_host is not None:
-        loc = torch.where(hit, t.hbm_of_host[entry.clamp(min=0)].to(torch.int64), loc)
+    if t.hbm_way is not None:
+        e = entry.clamp(min=0)
+        way = torch.where(hit, t.hbm_way[e].to(torch.int64), torch.full_like(e, -1))
+        loc = torch.where(way >= 0, hbm_set_of(e, t.hbm_n_sets, t.hbm_direct) * HBM_WAYS + way, loc)
     out.slots.copy_(slot.to(torch.int32))
     out.locs.copy_(loc.to(torch.int32))
     out.entries.copy_(entry.to(torch.int32))
@@ -122,9 +125,7 @@ def probe_torch(values: torch.Tensor, scalars: torch.Tensor, ends: torch.Tensor,
     if t.freq is not None:
         t.freq.index_add_(0, he, torch.ones_like(he, dtype=torch.int32))
     hl = loc[hpos]
-    if t.hbm_ticks is not None:
-        t.hbm_ticks[hl[hl >= 0]] = tick
-    if t.hbm_of_host is not None:
+    if t.hbm_way is not None:
         new = he[first & (hl < 0) & _admit(old, t.admission)].to(torch.int32)
         c0 = int(out.cand_count[0])
         out.cand[c0:c0 + new.numel()] = new
@@ -153,10 +154,11 @@ if triton is not None:
 
     @triton.jit
     def _probe_kernel(values_ptr, scalars_ptr, ends_ptr, n_features, rows_ptr, set_base_ptr, n_sets_ptr,
-                      entry_base_ptr, direct_ptr, keys_ptr, ticks_ptr, freq_ptr, hbm_of_host_ptr, hbm_ticks_ptr, slots_ptr,
+                      entry_base_ptr, direct_ptr, keys_ptr, ticks_ptr, freq_ptr, hbm_way_ptr, hbm_n_sets, slots_ptr,
                       locs_ptr, entries_ptr, cand_ptr, cand_count_ptr, flags_ptr, counts_ptr, bucket,
                       SEARCH_STEPS: tl.constexpr, LFU: tl.constexpr, HBM: tl.constexpr, ADMIT: tl.constexpr,
-                      ALL_DIRECT: tl.constexpr, TOUCH: tl.constexpr, W: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                      ALL_DIRECT: tl.constexpr, TOUCH: tl.constexpr, HBM_DIRECT: tl.constexpr, W: tl.constexpr,
+                      HW: tl.constexpr, BLOCK_SIZE: tl.constexpr):
         pos = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         in_bucket = pos < bucket
         n = tl.load(scalars_ptr)
@@ -178,7 +180,13 @@ if triton is not None:
         safe = tl.where(valid, v, 0)
         if ALL_DIRECT:  # id k of a direct-mapped table is entry set_base * W + k (set k // W, way k % W)
             at = tl.load(set_base_ptr + fidx, mask=in_bucket, other=0) * W + safe
-            hit = valid & (tl.load(keys_ptr + at, mask=valid, other=-1) == safe)
+            if HBM and HBM_DIRECT:
+                # HBM row e copies entry e, and only a held entry has one: the entry's one-byte way (an
+                # array that stays in L2) answers for both levels; the key is read only where it is -1
+                in_hbm = valid & (tl.load(hbm_way_ptr + at, mask=valid, other=-1) >= 0)
+                hit = in_hbm | (valid & (tl.load(keys_ptr + at, mask=valid & (~in_hbm), other=-1) == safe))
+            else:
+                hit = valid & (tl.load(keys_ptr + at, mask=valid, other=-1) == safe)
             entry = tl.where(hit, at, -1)
         else:
             h = (safe ^ (safe >> 31)) * _MUL
@@ -198,8 +206,16 @@ if triton is not None:
         slot = tl.where(hit, _RESERVED + entry - tl.load(entry_base_ptr + fidx, mask=in_bucket, other=0),
                         _DEFAULT)
         loc = tl.full([BLOCK_SIZE], _NO_ROW, tl.int32)
-        if HBM:
-            loc = tl.where(hit, tl.load(hbm_of_host_ptr + entry, mask=hit, other=_NO_ROW), _NO_ROW)
+        if HBM and ALL_DIRECT and HBM_DIRECT:
+            loc = tl.where(in_hbm, entry, _NO_ROW).to(tl.int32)
+        elif HBM:
+            way = tl.load(hbm_way_ptr + entry, mask=hit, other=-1).to(tl.int64)
+            if HBM_DIRECT:  # entry e in way e % HW of set e // HW: row e
+                loc = tl.where(way >= 0, entry, _NO_ROW).to(tl.int32)
+            else:
+                he = (entry ^ (entry >> 31)) * _MUL
+                hset = ((he ^ (he >> 29)) & _MASK) % hbm_n_sets
+                loc = tl.where(way >= 0, hset * HW + way, _NO_ROW).to(tl.int32)
         if TOUCH:
             # read first (hot ids repeat within a lookup), exchange only where the tick changes; the
             # exchange says which position touched the entry first in this lookup
@@ -210,9 +226,6 @@ if triton is not None:
         if TOUCH and LFU:
             tl.atomic_add(freq_ptr + entry, tl.full([BLOCK_SIZE], 1, tl.int32), mask=hit)
         if TOUCH and HBM:
-            in_hbm = hit & (loc >= 0)
-            hseen = tl.load(hbm_ticks_ptr + loc, mask=in_hbm, other=0)
-            tl.store(hbm_ticks_ptr + loc, tl.full([BLOCK_SIZE], 0, tl.int32) + tick, mask=in_hbm & (hseen != tick))
             if ADMIT == 1:
                 is_cand = first & (loc < 0)
             elif ADMIT == 2:
@@ -247,13 +260,13 @@ def probe(values: torch.Tensor, scalars: torch.Tensor, ends: torch.Tensor, t: Pr
 def launch_probe(values, scalars, ends, t: ProbeTables, out: ProbeOut) -> None:
     bucket = out.slots.numel()
     n_features = ends.numel()
-    hbm = t.hbm_of_host is not None
+    hbm = t.hbm_way is not None
     # the one-key path keeps little per id: wider programs, fewer of the per-program counter atomics
     block = BLOCK_DIRECT if t.all_direct else BLOCK
     _probe_kernel[(triton.cdiv(bucket, block),)](
         values, scalars, ends, n_features, t.feature_rows, t.feature_set_base, t.feature_n_sets,
         t.feature_entry_base, t.feature_direct, t.keys, t.ticks, t.freq if t.freq is not None else t.ticks,
-        t.hbm_of_host if hbm else t.ticks, t.hbm_ticks if hbm else t.ticks, out.slots, out.locs, out.entries,
+        t.hbm_way if hbm else t.ticks, t.hbm_n_sets, out.slots, out.locs, out.entries,
         out.cand, out.cand_count, out.flags, out.counts, bucket,
         SEARCH_STEPS=max(1, int(n_features).bit_length() + 1), LFU=t.freq is not None, HBM=hbm, ADMIT=t.admission,
-        ALL_DIRECT=t.all_direct, TOUCH=t.touch, W=WAYS, BLOCK_SIZE=block)
+        ALL_DIRECT=t.all_direct, TOUCH=t.touch, HBM_DIRECT=t.hbm_direct, W=WAYS, HW=HBM_WAYS, BLOCK_SIZE=block)

@@ -5,7 +5,7 @@ and with each table owning a range of sets): entry e = set * WAYS + way holds on
 free), its last-access tick (int32; negative = inserted at that tick and not looked up since, which the
 "second_access" admission reads) and, for LFU, a use count. Entry e of table t is row
 RESERVED_SLOTS + e - entry_base[t] of t's host rows, so no slot map is stored: 12 bytes per cached row
-(16 with LFU), plus the HBM level's 4-byte pointer per entry (hbm_level.py).
+(16 with LFU), plus the HBM level's one-byte way per entry and 4-byte tag per HBM row (hbm_level.py).
 
 Lookups probe it in a Triton kernel (probe_kernel.py); this file holds what the miss path, updates and
 eviction do, as batched torch ops over all tables at once.
