@@ -252,6 +252,18 @@ def test_index_memory_scales_with_cached_rows_not_table_rows(tmp_path, namespace
     assert len(set(sizes.values())) == 1 and sizes[10_000_000] <= 16, sizes
 
 
+def test_both_levels_index_costs_at_most_16_bytes_per_host_row():
+    """The device index of a GPU group (host index + HBM level at 10% of it), for a table of 1M rows; the
+    HBM level is built on the CPU here, as the group builds it on CUDA."""
+    from torchrec_hps.modules.cache.hbm_level import HBMLevel
+    from torchrec_hps.modules.cache.set_index import SetIndex
+
+    index = SetIndex([1_000_000], torch.device("cpu"), lfu=False)
+    hbm = HBMLevel(index.num_entries // 10, 16, index.ticks, torch.device("cpu"))
+    per_row = (index.num_entries * index.bytes_per_entry() + hbm.index_bytes()) / index.num_entries
+    assert per_row <= 16, f"{per_row:.2f} bytes of index per host-level row"
+
+
 def test_set_index_evicts_least_recently_used_and_spares_the_protected():
     from torchrec_hps.modules.cache.layout import WAYS
     from torchrec_hps.modules.cache.set_index import SetIndex
