@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.serving.conftest import expected_scores, grpc_inputs, http_inputs, random_query
+from torchrec_hps.serving import SchedulerConfig
 
 
 def test_http_and_grpc_scores_equal_the_models_forward(served):
@@ -49,9 +50,42 @@ def test_concurrent_queries_are_coalesced_and_each_gets_its_own_scores(served):
     for q, p in zip(queries, pending):
         np.testing.assert_allclose(p.get_result().as_numpy("scores"), expected_scores(served.model, q),
                                    rtol=1e-5, atol=1e-6)
-    workers = served.server.scheduler.workers
+    workers = served.server.scheduler.workers + [served.server.scheduler.inline]
     assert sum(w.samples for w in workers) == sum(q.dense.shape[0] for q in queries)
     assert sum(w.batches for w in workers) < len(queries) + sum(q.dense.shape[0] // 16 for q in queries)
+
+
+def test_a_small_query_finding_a_worker_idle_is_served_inline_with_the_same_scores(served):
+    import time
+
+    import tritonclient.http as httpclient
+
+    gen = np.random.default_rng(5)
+    name = served.server.repository.names()[0]
+    scheduler = served.server.scheduler
+    http = httpclient.InferenceServerClient(served.http_url)
+
+    def infer(n: int) -> None:
+        end = time.monotonic() + 5
+        while not scheduler._cpu.idle() and time.monotonic() < end:  # a worker back in take(), nothing queued
+            time.sleep(0.001)
+        q = random_query(n, gen)
+        got = http.infer(name, http_inputs(q)).as_numpy("scores")
+        np.testing.assert_allclose(got, expected_scores(served.model, q), rtol=1e-5, atol=1e-6)
+
+    inline = scheduler.inline
+    before = inline.batches
+    for n in (1, 3, scheduler.config.inline_max_samples):
+        infer(n)
+    assert inline.batches == before + 3, "small queries to an idle node did not take the inline path"
+    infer(scheduler.config.inline_max_samples + 1)  # larger: through the queue
+    assert inline.batches == before + 3
+    scheduler.config.inline_max_samples = 0  # off: every query through the queue
+    try:
+        infer(1)
+        assert inline.batches == before + 3
+    finally:
+        scheduler.config.inline_max_samples = SchedulerConfig().inline_max_samples
 
 
 def _post(url: str, body: dict) -> httpx.Response:

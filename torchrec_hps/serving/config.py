@@ -22,6 +22,9 @@ class SchedulerConfig:
     # stream's work costs more than it hides (H200, DLRM at 10%: B=2048 1.64 vs 1.28 ms, B=16384 3.67 vs 4.82)
     prefetch_min_batch: int = 8192
     offload_threshold: int = 64
+    # a CPU-routed query of at most this many samples that finds a CPU worker idle (nothing queued) is served
+    # in the thread that admits it, sparing the two thread hand-offs; 0: always through the queue
+    inline_max_samples: int = 16
     cpu_workers: int = 2
     gpu_workers: Optional[int] = None  # None: one per visible GPU; 0: CPU only
     torch_threads: Optional[int] = None  # intra-op threads; None: the cores shared out among the CPU workers
@@ -38,6 +41,7 @@ class SchedulerConfig:
                      "max_query_samples", "tuner_window"):
             _check_range("scheduler", name, getattr(self, name), 1, 1 << 40)
         _check_range("scheduler", "cpu_workers", self.cpu_workers, 0, 1024)
+        _check_range("scheduler", "inline_max_samples", self.inline_max_samples, 0, 1 << 40)
         for name in ("gpu_workers", "torch_threads"):
             if getattr(self, name) is not None:
                 _check_range("scheduler", name, getattr(self, name), 0 if name == "gpu_workers" else 1, 1024)

@@ -32,6 +32,11 @@ class WorkQueue:
         self._items: Deque[Slice] = deque()
         self._cv = threading.Condition()
         self._closed = False
+        self._waiting = 0  # workers blocked in take(), with nothing to do
+
+    def idle(self) -> bool:
+        """Nothing queued and a worker waiting for work (a hint: read without the lock)."""
+        return self._waiting > 0 and not self._items
 
     def put(self, slices: Sequence[Slice]) -> None:
         with self._cv:
@@ -41,8 +46,13 @@ class WorkQueue:
     def take(self, max_samples: int, timeout: float = 0.1) -> List[Slice]:
         """The oldest slice and the queued slices of the same model version after it, up to `max_samples`."""
         with self._cv:
-            if not self._items and not self._cv.wait_for(lambda: self._items or self._closed, timeout):
-                return []
+            if not self._items:
+                self._waiting += 1
+                try:
+                    if not self._cv.wait_for(lambda: self._items or self._closed, timeout):
+                        return []
+                finally:
+                    self._waiting -= 1
             if not self._items:
                 return []
             first = self._items.popleft()
@@ -95,6 +105,12 @@ class Worker(threading.Thread):
                 following = self._prefetch_next() if self.pipeline else None
                 self._run(ready)
                 ready = following
+
+    def serve(self, slices: List[Slice]) -> None:
+        """Run slices in the calling thread (the scheduler's inline path)."""
+        batch = self._prepare(slices)
+        if batch is not None:
+            self._run(batch)
 
     def _prepare(self, slices: List[Slice]) -> Optional[Batch]:
         """The live slices as one batch (queries past their deadline are answered 504 here)."""
@@ -172,6 +188,8 @@ class Scheduler:
         if not self.workers:
             raise ValueError("scheduler: no workers (cpu_workers=0 and no GPU)")
         self._has_gpu, self._has_cpu = bool(gpu_devices), config.cpu_workers > 0
+        # a small query finding a CPU worker idle runs in the thread that admits it (no thread started)
+        self.inline = Worker(self, self._cpu, "cpu", "inline", 0) if self._has_cpu else None
         if self._has_cpu:  # CPU workers side by side, each with a share of the cores (no oversubscription)
             torch.set_num_threads(config.torch_threads or max(1, (os.cpu_count() or 1) // config.cpu_workers))
         self._queued = 0  # samples admitted and not yet answered
@@ -199,7 +217,8 @@ class Scheduler:
 
     def work(self) -> Tuple[float, float]:
         """(samples served, worker busy seconds), summed over the workers."""
-        return float(sum(w.samples for w in self.workers)), sum(w.busy_s for w in self.workers)
+        workers = self.workers + ([self.inline] if self.inline is not None else [])
+        return float(sum(w.samples for w in workers)), sum(w.busy_s for w in workers)
 
     def batch_limit(self, kind: str) -> int:
         return self.config.gpu_batch_size if kind == "gpu" else self.config.batch_size
@@ -248,7 +267,13 @@ class Scheduler:
         if not gpu and not self._has_cpu:  # a host-only artifact on a GPU-only node: the GPU workers run it
             gpu = True
         query.route = "gpu" if gpu else "cpu"
-        (self._gpu if gpu else self._cpu).put(split(query, self.batch_limit(query.route)))
+        slices = split(query, self.batch_limit(query.route))
+        if not gpu and len(slices) == 1 and n <= self.config.inline_max_samples and self._cpu.idle():
+            # a CPU worker waits with nothing queued: serving the query here saves the two thread hand-offs
+            # (the worker's wake-up and the answer's way back), most of a small query's server time
+            self.inline.serve(slices)
+        else:
+            (self._gpu if gpu else self._cpu).put(slices)
         return query
 
     def stats(self) -> Dict[str, float]:

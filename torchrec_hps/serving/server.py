@@ -85,8 +85,16 @@ class InferenceServer:
             if not future.done():
                 future.set_exception(error) if error is not None else future.set_result(query)
 
-        query = self.scheduler.submit(name, version, dense, lengths, values, weights, timeout_ms,
-                                      lambda q, e: loop.call_soon_threadsafe(settle, q, e), request_id)
+        here = threading.get_ident()
+
+        def answer(query, error) -> None:  # from a worker, or from this thread (the scheduler's inline path)
+            if threading.get_ident() == here:
+                settle(query, error)
+            else:
+                loop.call_soon_threadsafe(settle, query, error)
+
+        query = self.scheduler.submit(name, version, dense, lengths, values, weights, timeout_ms, answer,
+                                      request_id)
         await future
         return query.scores.numpy(), query.served.version
 
