@@ -34,6 +34,7 @@ except ImportError:  # pragma: no cover
 
 BLOCK = 128
 BLOCK_DIRECT = 512
+WARPS_DIRECT = 4  # warps per program of the one-key path
 
 
 @dataclass
@@ -269,4 +270,5 @@ def launch_probe(values, scalars, ends, t: ProbeTables, out: ProbeOut) -> None:
         t.hbm_way if hbm else t.ticks, t.hbm_n_sets, out.slots, out.locs, out.entries,
         out.cand, out.cand_count, out.flags, out.counts, bucket,
         SEARCH_STEPS=max(1, int(n_features).bit_length() + 1), LFU=t.freq is not None, HBM=hbm, ADMIT=t.admission,
-        ALL_DIRECT=t.all_direct, TOUCH=t.touch, HBM_DIRECT=t.hbm_direct, W=WAYS, HW=HBM_WAYS, BLOCK_SIZE=block)
+        ALL_DIRECT=t.all_direct, TOUCH=t.touch, HBM_DIRECT=t.hbm_direct, W=WAYS, HW=HBM_WAYS, BLOCK_SIZE=block,
+        num_warps=WARPS_DIRECT if t.all_direct else 4)
