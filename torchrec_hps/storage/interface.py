@@ -6,11 +6,13 @@ tensor [N, dim]. Subclasses implement the `_get/_put/_delete/_num_rows` hooks on
 from __future__ import annotations
 
 import abc
+import itertools
 import logging
+import operator
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -254,6 +256,28 @@ class StorageTier(abc.ABC):
         """Rows stored as `storage_dtype` bytes -> float32 [n, dim]."""
         arr = np.frombuffer(buf, dtype=self.storage_dtype, count=n * dim).reshape(n, dim)
         return arr.astype(np.float32) if self.storage_dtype != np.float32 else arr
+
+    def _rows_of_values(self, values: List[Optional[bytes]], positions: Optional[np.ndarray], n_unique: int,
+                        inverse: np.ndarray, dim: int) -> Tuple[np.ndarray, np.ndarray]:
+        """A get's (rows, found) for its keys from the stored values of its unique keys: `values[j]` is the
+        value (None: absent) of unique key `positions[j]` (of key j where `positions` is None); unique keys
+        not covered (a failed request) are absent. C-level passes over the values (map/filter/join, no
+        per-row Python), the present rows joined with one zero row after them, and one gather: no
+        intermediate array per unique key. A value of another size (not a row of this table) is skipped."""
+        row_bytes = dim * self.storage_dtype.itemsize
+        found = np.fromiter(map(operator.is_not, values, itertools.repeat(None)), dtype=bool, count=len(values))
+        n_hit = int(found.sum())
+        blob = b"".join(itertools.chain(filter(None, values), (bytes(row_bytes),)))
+        if len(blob) != (n_hit + 1) * row_bytes:
+            found = np.fromiter((v is not None and len(v) == row_bytes for v in values), dtype=bool,
+                                count=len(values))
+            n_hit = int(found.sum())
+            blob = b"".join(itertools.chain((v for v, ok in zip(values, found) if ok), (bytes(row_bytes),)))
+        at = np.full(n_unique, n_hit, dtype=np.int64)  # each unique key's row in blob; n_hit: the zero row
+        hit = np.flatnonzero(found)
+        at[hit if positions is None else positions[hit]] = np.arange(n_hit)
+        row_of_key = at[inverse]
+        return self._decode_rows(blob, n_hit + 1, dim)[row_of_key], row_of_key < n_hit
 
     @abc.abstractmethod
     def _create_table(self, spec: TableSpec) -> None: ...

@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import operator
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -60,11 +59,11 @@ def _partition_tags(num_partitions: int) -> Tuple[str, ...]:
 
 @dataclass
 class _Call:
-    """One command on one hash, already in RESP form: the positions (into the request's unique ids) it
-    covers."""
+    """One command on one hash, already in RESP form (its header and its arguments: bytes-like pieces sent
+    back to back): the positions (into the request's unique ids) it covers."""
 
     hash_name: str
-    packed: bytes
+    packed: Tuple[bytes, memoryview]
     positions: np.ndarray
 
 
@@ -79,12 +78,11 @@ def _resp_bulk(items: np.ndarray) -> np.ndarray:
     return out
 
 
-def _pack(command: str, hash_name: str, n_args: int, body: np.ndarray) -> bytes:
-    """A whole RESP command: the header by hand, the (many) arguments built in one numpy pass, so packing
-    costs no per-row Python (redis-py's packer walks its arguments one by one)."""
+def _header(command: str, hash_name: str, n_args: int) -> bytes:
+    """A RESP command's header up to its arguments (built by hand: redis-py's packer walks every argument
+    in Python; the arguments are built in one numpy pass, see RedisTier._calls)."""
     name = hash_name.encode()
-    head = (f"*{2 + n_args}\r\n${len(command)}\r\n{command}\r\n${len(name)}\r\n".encode() + name + b"\r\n")
-    return head + body.tobytes()
+    return f"*{2 + n_args}\r\n${len(command)}\r\n{command}\r\n${len(name)}\r\n".encode() + name + b"\r\n"
 
 
 def _id_bytes(ids: np.ndarray) -> np.ndarray:
@@ -120,6 +118,7 @@ class RedisTier(StorageTier):
             **({"ssl_certfile": config.ssl_certfile, "ssl_keyfile": config.ssl_keyfile} if config.ssl_certfile else {}),
             **config.connection_kwargs)
         self._nodes: Dict[str, _Node] = {}
+        self._names: Dict[str, List[str]] = {}  # per table: its partition hashes' names
         self._nodes_lock = threading.Lock()
         self._topology: Optional[ClusterTopology] = None
         if config.url:
@@ -177,23 +176,36 @@ class RedisTier(StorageTier):
         tags = _partition_tags(self.config.num_partitions)
         return [f"{KEY_PREFIX}.{spec.key}.p{p}{{{tags[p]}}}" for p in range(self.config.num_partitions)]
 
+    def _hash_names(self, spec: TableSpec) -> List[str]:
+        names = self._names.get(spec.key)
+        if names is None:
+            names = self._names[spec.key] = self.hash_names(spec)
+        return names
+
     # ---- request plumbing ----
     def _calls(self, spec: TableSpec, ids: np.ndarray, command: str, rows: Optional[np.ndarray] = None) -> List[_Call]:
         """Group ids (unique) by partition, chunked to max_batch_size, as packed HMGET/HDEL (fields) or
-        HSET (field, row pairs) commands."""
-        names = self.hash_names(spec)
-        fields = _resp_bulk(_id_bytes(ids))
-        values = _resp_bulk(rows.reshape(len(rows), -1).view(np.uint8)) if rows is not None else None
-        calls = []
-        step = self.config.max_batch_size
-        for p, positions in group_by_partition(ids, self.config.num_partitions):
+        HSET (field, row pairs) commands. Every command's arguments come from one gather into partition
+        order and one bytes object; a command is its header and a view of its part (no copy per command)."""
+        names = self._hash_names(spec)
+        args = _resp_bulk(_id_bytes(ids))
+        per_id = 1
+        if rows is not None:
+            args = np.concatenate([args, _resp_bulk(rows.reshape(len(rows), -1).view(np.uint8))], axis=1)
+            per_id = 2
+        groups = group_by_partition(ids, self.config.num_partitions)
+        if not groups or not len(ids):
+            return []
+        order = groups[0][1] if len(groups) == 1 else np.concatenate([pos for _, pos in groups])
+        body = memoryview(args[order].tobytes())
+        width = args.shape[1]
+        calls, at, step = [], 0, self.config.max_batch_size
+        for p, positions in groups:
             for a in range(0, len(positions), step):
                 pos = positions[a:a + step]
-                if values is None:
-                    packed = _pack(command, names[p], len(pos), fields[pos])
-                else:
-                    packed = _pack(command, names[p], 2 * len(pos), np.concatenate([fields[pos], values[pos]], axis=1))
-                calls.append(_Call(names[p], packed, pos))
+                calls.append(_Call(names[p], (_header(command, names[p], per_id * len(pos)),
+                                              body[at * width:(at + len(pos)) * width]), pos))
+                at += len(pos)
         return calls
 
     def _run_on_node(self, node: _Node, calls: Sequence[_Call], readonly: bool = False, asking: bool = False,
@@ -212,7 +224,7 @@ class RedisTier(StorageTier):
             # one write of every command, then the replies in order: a pipeline without per-argument packing
             packed = [_READONLY] if readonly else []
             for c in calls:
-                packed += [_ASKING, c.packed] if asking else [c.packed]
+                packed += [_ASKING, *c.packed] if asking else c.packed
             if wait_replicas:
                 packed.append(self._wait_command(wait_replicas))
             if len(packed) > 1 and sum(map(len, packed)) <= _JOIN_BYTES:  # small commands: one sendall
@@ -322,30 +334,18 @@ class RedisTier(StorageTier):
 
     def _get(self, spec: TableSpec, keys: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         uniq, inverse = np.unique(keys, return_inverse=True)
-        row_bytes = spec.dim * self.storage_dtype.itemsize
         calls = self._calls(spec, uniq, "HMGET")
-        rows_u = np.zeros((len(uniq), spec.dim), dtype=np.float32)
-        found_u = np.zeros(len(uniq), dtype=bool)
         replies = self._execute(calls, read=True)
         answered = [(c, v) for c, v in zip(calls, replies) if not isinstance(v, Exception)]
         failed = len(uniq) - sum(len(c.positions) for c, _ in answered)
-        if answered:
-            # every call's reply in one pass: C-level map/filter/join over all values, no per-row Python
-            # and no per-call numpy
-            positions = np.concatenate([c.positions for c, _ in answered])
-            values = list(itertools.chain.from_iterable(v for _, v in answered))
-            found = np.fromiter(map(operator.is_not, values, itertools.repeat(None)), dtype=bool, count=len(values))
-            blob = b"".join(filter(None, values))
-            if len(blob) != int(found.sum()) * row_bytes:  # some value is not a row of this table: skip those
-                found = np.fromiter((v is not None and len(v) == row_bytes for v in values), dtype=bool,
-                                    count=len(values))
-                blob = b"".join(v for v, ok in zip(values, found) if ok)
-            hit = positions[found]
-            found_u[hit] = True
-            rows_u[hit] = self._decode_rows(blob, len(hit), spec.dim)
         if failed:
             self._count(spec.key, errors=failed)
-        return rows_u[inverse], found_u[inverse]
+        if not answered:
+            return np.zeros((len(keys), spec.dim), dtype=np.float32), np.zeros(len(keys), dtype=bool)
+        # every call's reply in one pass, no per-call numpy
+        positions = np.concatenate([c.positions for c, _ in answered])
+        values = list(itertools.chain.from_iterable(v for _, v in answered))
+        return self._rows_of_values(values, positions, len(uniq), inverse, spec.dim)
 
     def _write(self, spec: TableSpec, calls: List[_Call], keys: np.ndarray) -> None:
         failures = [(c, r) for c, r in zip(calls, self._execute(calls)) if isinstance(r, Exception)]

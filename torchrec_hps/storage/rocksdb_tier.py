@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Tuple
 
 import itertools
-import operator
 from collections import deque
 
 import numpy as np
@@ -100,19 +99,7 @@ class RocksDBTier(StorageTier):
             values = list(itertools.chain.from_iterable(parts))
         else:
             values = cf.get(key_list)
-        row_bytes = spec.dim * self.storage_dtype.itemsize
-        # C-level passes over the values (map/filter/join), no per-row Python; a value of another size
-        # (not a row of this table) takes the slow path and is skipped
-        found_u = np.fromiter(map(operator.is_not, values, itertools.repeat(None)), dtype=bool, count=len(values))
-        blob = b"".join(filter(None, values))
-        if len(blob) != int(found_u.sum()) * row_bytes:
-            found_u = np.fromiter((v is not None and len(v) == row_bytes for v in values), dtype=bool,
-                                  count=len(values))
-            blob = b"".join(v for v, ok in zip(values, found_u) if ok)
-        rows_u = np.zeros((len(uniq), spec.dim), dtype=np.float32)
-        if found_u.any():
-            rows_u[found_u] = self._decode_rows(blob, int(found_u.sum()), spec.dim)
-        return rows_u[inverse], found_u[inverse]
+        return self._rows_of_values(values, None, len(uniq), inverse, spec.dim)
 
     def _put(self, spec: TableSpec, keys: np.ndarray, rows: np.ndarray) -> None:
         from rocksdict import WriteBatch
