@@ -85,6 +85,9 @@ def _header(command: str, hash_name: str, n_args: int) -> bytes:
     return f"*{2 + n_args}\r\n${len(command)}\r\n{command}\r\n${len(name)}\r\n".encode() + name + b"\r\n"
 
 
+_NO_POSITIONS = np.empty(0, dtype=np.int64)
+
+
 def _id_bytes(ids: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(ids, dtype="<i8").view(np.uint8).reshape(len(ids), 8)
 
@@ -209,11 +212,12 @@ class RedisTier(StorageTier):
         return calls
 
     def _run_on_node(self, node: _Node, calls: Sequence[_Call], readonly: bool = False, asking: bool = False,
-                     wait_replicas: int = 0) -> Tuple[list, Optional[int]]:
+                     wait_replicas: int = 0, breaker: bool = True) -> Tuple[list, Optional[int]]:
         """The calls' replies (or exceptions) in order, pipelined on one connection; `readonly` first (a
         replica), `asking` before each call (ASK), `wait_replicas`: WAIT for that many replicas after the
-        writes, whose reply (replicas that acknowledged) comes second."""
-        if time.monotonic() < node.down_until:
+        writes, whose reply (replicas that acknowledged) comes second. `breaker` off: a node marked down is
+        tried anyway (administrative commands, which must not be refused for a lookup's failure)."""
+        if breaker and time.monotonic() < node.down_until:
             return [TierError(f"redis node {node.addr} is marked down")] * len(calls), None
         pool = node.client.connection_pool
         try:
@@ -266,7 +270,7 @@ class RedisTier(StorageTier):
         return [error] * n
 
     def _execute(self, calls: List[_Call], retry_moved: bool = True, read: bool = False,
-                 replicas: bool = True) -> list:
+                 replicas: bool = True, breaker: bool = True) -> list:
         """Run calls grouped by node, nodes in parallel; results (or exceptions) in call order. `read`: gets
         (to replicas with read_from_replicas, unless `replicas` is off: a retry on the primaries)."""
         topo = self._topology
@@ -288,7 +292,7 @@ class RedisTier(StorageTier):
             primary = topo is None or addr in topo.replicas
             wait = topo.replica_count(addr) if (write_wait and primary) else 0
             return self._run_on_node(self._node(addr), [calls[i] for i in idx], readonly=not primary,
-                                     wait_replicas=wait)
+                                     wait_replicas=wait, breaker=breaker)
 
         jobs = list(by_node.items())
         outs = [run(jobs[0])] if len(jobs) == 1 else list(self._pool.map(run, jobs))
@@ -307,11 +311,18 @@ class RedisTier(StorageTier):
         moved = [i for i, r in enumerate(results) if isinstance(r, exc.MovedError)]
         if moved and retry_moved:  # resharded or failed over: re-read the slot map once and retry
             topo.refresh()
-            for i, r in zip(moved, self._execute([calls[i] for i in moved], retry_moved=False, read=read)):
+            for i, r in zip(moved, self._execute([calls[i] for i in moved], retry_moved=False, read=read,
+                                                             breaker=breaker)):
                 results[i] = r
+        # still redirected: ASK (a slot migrating), or MOVED where the re-read map lags (the node it came from
+        # has not heard of a SETSLOT yet): go where the reply says. MovedError is an AskError in redis-py; a
+        # MOVED target owns the slot from now on.
         asked = [i for i, r in enumerate(results) if isinstance(r, exc.AskError)]
         for target, idx in self._group_by(asked, lambda i: str(results[i]).split()[-1]).items():
-            out, _ = self._run_on_node(self._node(target), [calls[i] for i in idx], asking=True)
+            for i in idx:
+                if isinstance(results[i], exc.MovedError):
+                    topo.owner[int(str(results[i]).split()[0])] = target
+            out, _ = self._run_on_node(self._node(target), [calls[i] for i in idx], asking=True, breaker=breaker)
             for i, r in zip(idx, out):
                 results[i] = r
         if from_replicas:  # a replica that failed: its reads once more from the primaries
@@ -360,19 +371,23 @@ class RedisTier(StorageTier):
     def _delete(self, spec: TableSpec, keys: np.ndarray) -> None:
         self._write(spec, self._calls(spec, keys, "HDEL"), keys)
 
+    def _on_each_hash(self, spec: TableSpec, command: str) -> list:
+        """`command <hash>` on every partition hash of a table, routed (and redirected) like row commands."""
+        names = self._hash_names(spec)
+        return self._execute([_Call(n, (_header(command, n, 0),), _NO_POSITIONS) for n in names], breaker=False)
+
     def _num_rows(self, spec: TableSpec) -> int:
-        total = 0
-        for name in self.hash_names(spec):
-            try:
-                total += self._node(self._owner(name)).client.hlen(name)
-            except self._redis.RedisError as e:
-                raise TierError(f"redis: cannot count rows of {spec.key} ({name}): {e}") from e
-        return total
+        replies = self._on_each_hash(spec, "HLEN")
+        failed = next((r for r in replies if isinstance(r, Exception)), None)
+        if failed is not None:
+            raise TierError(f"redis: cannot count rows of {spec.key}: {failed}") from failed
+        return int(sum(replies))
 
     def drop_table(self, table: str) -> None:
         """Remove every row of `table` from Redis (all its partition hashes)."""
-        for name in self.hash_names(self.spec(table)):
-            self._node(self._owner(name)).client.delete(name)
+        failed = next((r for r in self._on_each_hash(self.spec(table), "DEL") if isinstance(r, Exception)), None)
+        if failed is not None:
+            raise TierError(f"redis: cannot drop table {table}: {failed}") from failed
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
