@@ -252,13 +252,14 @@ def test_index_memory_scales_with_cached_rows_not_table_rows(tmp_path, namespace
     assert len(set(sizes.values())) == 1 and sizes[10_000_000] <= 16, sizes
 
 
-def test_both_levels_index_costs_at_most_16_bytes_per_host_row():
-    """The device index of a GPU group (host index + HBM level at 10% of it), for a table of 1M rows; the
-    HBM level is built on the CPU here, as the group builds it on CUDA."""
+@pytest.mark.parametrize("lfu", [False, True])
+def test_both_levels_index_costs_at_most_16_bytes_per_host_row(lfu):
+    """The device index of a GPU group (host index + HBM level at 10% of it), for a table of 1M rows, LRU
+    and LFU; the HBM level is built on the CPU here, as the group builds it on CUDA."""
     from torchrec_hps.modules.cache.hbm_level import HBMLevel
     from torchrec_hps.modules.cache.set_index import SetIndex
 
-    index = SetIndex([1_000_000], torch.device("cpu"), lfu=False)
+    index = SetIndex([1_000_000], torch.device("cpu"), lfu=lfu)
     hbm = HBMLevel(index.num_entries // 10, 16, index.ticks, torch.device("cpu"))
     per_row = (index.num_entries * index.bytes_per_entry() + hbm.index_bytes()) / index.num_entries
     assert per_row <= 16, f"{per_row:.2f} bytes of index per host-level row"
@@ -314,3 +315,32 @@ def test_prefetch_brings_the_rows_in_and_the_lookup_stays_exact(make_hps, monkey
     other = random_kjt(TABLES, 24, gen=gen)  # a lookup of another batch than the prefetched one is exact too
     hps.prefetch(random_kjt(TABLES, 24, gen=gen))
     torch.testing.assert_close(hps(other).values(), ref(other).values().detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_lfu_counts_one_use_per_lookup_and_saturates():
+    """The LFU count is a byte: the lookups that used an entry (ids repeated within one lookup count once),
+    held at 255 rather than wrapping to 0 (a wrapped count would make the hottest entry the first victim)."""
+    from torchrec_hps.modules.cache.layout import WAYS
+    from torchrec_hps.modules.cache.probe_kernel import ProbeOut, ProbeTables, probe_torch
+    from torchrec_hps.modules.cache.set_index import SetIndex
+
+    index = SetIndex([WAYS], torch.device("cpu"), lfu=True)
+    entries, _, _ = index.insert(torch.zeros(2, dtype=torch.int64), torch.tensor([3, 5]), tick=1, protect_tick=1)
+    one = torch.zeros(1, dtype=torch.int64)
+    tables = ProbeTables(feature_rows=torch.tensor([100, 0]), feature_set_base=one.repeat(2),
+                         feature_n_sets=torch.ones(2, dtype=torch.int64), feature_entry_base=one.repeat(2),
+                         feature_direct=torch.zeros(2, dtype=torch.bool), keys=index.keys, ticks=index.ticks,
+                         freq=index.freq, hbm_way=None)
+    values = torch.tensor([3, 3, 3, 5])
+
+    def lookup(tick: int) -> None:
+        i32 = lambda: torch.zeros(4, dtype=torch.int32)  # noqa: E731
+        out = ProbeOut(i32(), i32(), i32(), i32(), torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
+                       torch.zeros(4, 1, dtype=torch.int64))
+        probe_torch(values, torch.tensor([4, tick]), torch.tensor([4]), tables, out)
+
+    lookup(2)
+    assert index.freq[entries].tolist() == [2, 2]  # inserted (1), then one lookup, id 3 three times in it
+    for tick in range(3, 303):
+        lookup(tick)
+    assert index.freq.dtype == torch.uint8 and index.freq[entries].tolist() == [255, 255]

@@ -5,7 +5,7 @@ check the id against its table's range, probe its set in the host level's index 
 - `slots[p]`: the row in its table's host rows (the TBE's index; DEFAULT_SLOT on a miss or a bad id),
 - `locs[p]`: its HBM row, or NO_ROW (the TBE then reads the host row in place, over PCIe),
 - `entries[p]`: the index entry, or -1;
-touch the entry's tick (and LFU count; the HBM row's recency is the entry's tick); append each entry touched first in this
+touch the entry's tick (and, once per lookup, its LFU count; the HBM row's recency is the entry's tick); append each entry touched first in this
 lookup that is not in HBM (and passes the admission rule) to `cand` for hbm_level.admit; OR into `flags`
 whether an id is in neither level (FLAG_MISS) or out of range (FLAG_INVALID); and count per feature: ids,
 ids not served from HBM, ids in neither level, distinct hits (into `counts` [4, F], zeroed by the caller).
@@ -49,7 +49,7 @@ class ProbeTables:
     feature_direct: torch.Tensor  # bool [F+1]: the table is direct-mapped (held whole)
     keys: torch.Tensor  # int64 [entries]
     ticks: torch.Tensor  # int32 [entries]
-    freq: Optional[torch.Tensor]  # int32 [entries], LFU only
+    freq: Optional[torch.Tensor]  # uint8 [entries], LFU only: lookups that used the entry, saturating
     hbm_way: Optional[torch.Tensor]  # int8 [entries]: the entry's way in its HBM set (hbm_level.py), or NO_WAY
     hbm_n_sets: int = 1
     hbm_direct: bool = False  # the HBM level has a row per entry (entry e in set e // HBM_WAYS)
@@ -123,8 +123,9 @@ def probe_torch(values: torch.Tensor, scalars: torch.Tensor, ends: torch.Tensor,
     old = t.ticks[he].to(torch.int64)
     first = first_in & (old != tick)
     t.ticks[he] = tick
-    if t.freq is not None:
-        t.freq.index_add_(0, he, torch.ones_like(he, dtype=torch.int32))
+    if t.freq is not None:  # one count per lookup (its first touch), saturating at 255
+        fe = he[first]
+        t.freq[fe] = (t.freq[fe].to(torch.int32) + 1).clamp(max=255).to(torch.uint8)
     hl = loc[hpos]
     if t.hbm_way is not None:
         new = he[first & (hl < 0) & _admit(old, t.admission)].to(torch.int32)
@@ -224,8 +225,9 @@ if triton is not None:
             need = hit & (seen != tick)
             old = tl.atomic_xchg(ticks_ptr + entry, tl.full([BLOCK_SIZE], 0, tl.int32) + tick, mask=need)
             first = need & (old != tick)
-        if TOUCH and LFU:
-            tl.atomic_add(freq_ptr + entry, tl.full([BLOCK_SIZE], 1, tl.int32), mask=hit)
+        if TOUCH and LFU:  # only the first touch counts: one writer per entry, so a plain byte store
+            count = tl.load(freq_ptr + entry, mask=first, other=0).to(tl.int32)
+            tl.store(freq_ptr + entry, tl.minimum(count + 1, 255).to(tl.uint8), mask=first)
         if TOUCH and HBM:
             if ADMIT == 1:
                 is_cand = first & (loc < 0)

@@ -3,9 +3,10 @@
 A set-associative table on the cache's device (like fbgemm's `lxu_cache_state`, but keyed by the raw id
 and with each table owning a range of sets): entry e = set * WAYS + way holds one id (int64, EMPTY_KEY if
 free), its last-access tick (int32; negative = inserted at that tick and not looked up since, which the
-"second_access" admission reads) and, for LFU, a use count. Entry e of table t is row
+"second_access" admission reads) and, for LFU, a use count (uint8: the lookups that used the entry,
+saturating at 255; hot entries then tie on it and go by recency). Entry e of table t is row
 RESERVED_SLOTS + e - entry_base[t] of t's host rows, so no slot map is stored: 12 bytes per cached row
-(16 with LFU), plus the HBM level's one-byte way per entry and 4-byte tag per HBM row (hbm_level.py).
+(13 with LFU), plus the HBM level's one-byte way per entry and 4-byte tag per HBM row (hbm_level.py).
 
 Lookups probe it in a Triton kernel (probe_kernel.py); this file holds what the miss path, updates and
 eviction do, as batched torch ops over all tables at once.
@@ -27,7 +28,7 @@ def eviction_order(ticks: torch.Tensor, freq: Optional[torch.Tensor], occupied: 
     """Per way, lower = taken first: free ways, then LRU (or LFU, ties to LRU); ways used at
     `protect_tick` are never taken (_NEVER). Same shapes in, int64 out."""
     recency = ticks.to(torch.int64).abs()
-    score = recency if freq is None else (freq.to(torch.int64).clamp(max=(1 << 30) - 1) << 31) | recency
+    score = recency if freq is None else (freq.to(torch.int64) << 31) | recency
     score = torch.where(occupied, score, torch.full_like(score, -1))
     return torch.where(occupied & (recency == protect_tick), torch.full_like(score, _NEVER), score)
 
@@ -76,10 +77,10 @@ class SetIndex:
         self.entry_base = torch.tensor(self.entry_base_np, dtype=torch.int64, device=device)
         self.keys = torch.full((self.num_entries,), EMPTY_KEY, dtype=torch.int64, device=device)
         self.ticks = torch.zeros(self.num_entries, dtype=torch.int32, device=device)
-        self.freq = torch.zeros(self.num_entries, dtype=torch.int32, device=device) if lfu else None
+        self.freq = torch.zeros(self.num_entries, dtype=torch.uint8, device=device) if lfu else None
 
     def bytes_per_entry(self) -> int:
-        return 8 + 4 + (4 if self.freq is not None else 0)
+        return 8 + 4 + (1 if self.freq is not None else 0)
 
     def _sets(self, tables: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return set_of(ids, self.set_base[tables], self.n_sets[tables], self.direct[tables])
