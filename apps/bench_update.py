@@ -16,9 +16,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--rounds", type=int, default=100)
+    p.add_argument("--commit-intervals", default="0,1",
+                   help="seconds, comma-separated, each measured in turn (0: commit every batch, logged writes)")
     p.add_argument("--json", default="results/bench_update.json")
     args = p.parse_args(argv)
-    result = run_update_bench(args.bootstrap, rows=args.rows, dim=args.dim, rounds=args.rounds)
+    runs = []
+    for interval in (float(x) for x in args.commit_intervals.split(",")):
+        print(f"commit_interval={interval:g}s")
+        runs.append(run_update_bench(args.bootstrap, rows=args.rows, dim=args.dim, rounds=args.rounds,
+                                     commit_interval=interval))
+    base = runs[0]["applied_rows_per_s"]
+    for r in runs[1:]:
+        print(f"applied rows/s, commit_interval={r['commit_interval']:g}s vs {runs[0]['commit_interval']:g}s: "
+              f"{r['applied_rows_per_s'] / base:.2f}x")
+    result = {"runs": runs}
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:

@@ -130,7 +130,7 @@ _NOT_USED = {
                       "num_threads": "mapped to read_threads"},
     "update_source": {"receive_buffer_size": "librdkafka defaults", "max_receive_buffer_size": "not used",
                       "max_batch_size": "not used", "failure_backoff_ms": "mapped to retry_backoff",
-                      "max_commit_interval": "offsets are committed after every applied batch",
+                      "max_commit_interval": "not mapped (a count of messages); commits are timed by kafka.commit_interval",
                       "poll_timeout_ms": "mapped to poll_timeout"},
 }
 

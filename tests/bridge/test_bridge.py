@@ -83,6 +83,51 @@ def test_stopped_consumer_catches_up_from_committed_offsets(kafka, tier_factory,
     second.stop()
 
 
+def test_a_consumer_killed_between_commits_loses_no_update(kafka, tmp_path, namespace):
+    """Applied rows go to RocksDB without its write-ahead log until the next commit: a consumer SIGKILLed
+    after applying (nothing committed, nothing flushed) leaves them for the group's next consumer, which
+    Kafka sends them to again; a clean stop persists and commits, so nothing is applied twice after it."""
+    import os
+    import subprocess
+    import sys
+
+    from torchrec_hps.config import RocksDBTierConfig, StorageConfig
+
+    path, group = str(tmp_path / "db"), f"{namespace}-crash"
+    pub = DeltaPublisher(kafka, namespace, ["t2"])
+    pub.publish("t2", torch.arange(100), torch.full((100, 4), 3.0))
+    pub.flush()
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    child = subprocess.Popen([sys.executable, "-m", "tests.bridge.crash_consumer", kafka.bootstrap_servers, path,
+                              namespace, group, "100"], cwd=root, stdout=subprocess.PIPE, text=True)
+    try:
+        line = child.stdout.readline()
+        assert line.strip() == "applied 100", line
+    finally:
+        child.kill()  # SIGKILL: no stop, no flush, no commit
+        child.wait(30)
+    storage = StorageHierarchy.from_config(StorageConfig(rocksdb=RocksDBTierConfig(path=path)))
+    storage.add_tables([TableSpec(namespace, "t2", 100, 4)])
+    second = UpdateConsumer(kafka, namespace, storage, ["t2"], group_id=group)
+    assert not storage.get(f"{namespace}.t2", torch.arange(100)).found.any()  # unlogged, unflushed: gone
+    assert _drain(second, 100) == 100  # nothing was committed: Kafka sends them again
+    got = storage.get(f"{namespace}.t2", torch.arange(100))
+    assert got.found.all() and got.rows.eq(3.0).all()
+    second.stop()  # persists, then commits
+    storage.close()
+    storage = StorageHierarchy.from_config(StorageConfig(rocksdb=RocksDBTierConfig(path=path)))
+    storage.add_tables([TableSpec(namespace, "t2", 100, 4)])
+    third = UpdateConsumer(kafka, namespace, storage, ["t2"], group_id=group)
+    deadline = time.monotonic() + 30
+    while not third._consumer.assignment() and time.monotonic() < deadline:
+        assert third.poll_once(timeout=0.5) == 0
+    assert third._consumer.assignment() and third.lag() == 0 and third.stats.applied_rows == 0
+    got = storage.get(f"{namespace}.t2", torch.arange(100))
+    assert got.found.all() and got.rows.eq(3.0).all()  # durable across the reopen without any WAL
+    third.stop()
+    storage.close()
+
+
 def test_corrupt_and_foreign_messages_are_skipped_and_counted(kafka, tier_factory, namespace):
     from confluent_kafka import Producer
 

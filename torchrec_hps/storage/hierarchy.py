@@ -214,8 +214,9 @@ class StorageHierarchy:
             self._stats[table].promoted += promoted
 
     # ---- writes ----
-    def put(self, table: str, keys: torch.Tensor, rows: torch.Tensor) -> None:
-        """Write rows through every tier, bottom-up (see the module docstring for failure semantics)."""
+    def put(self, table: str, keys: torch.Tensor, rows: torch.Tensor, logged: bool = True) -> None:
+        """Write rows through every tier, bottom-up (see the module docstring for failure semantics).
+        `logged=False`: the bottom tier may hold them in volatile memory until `persist` (StorageTier.put)."""
         spec = self.spec(table)
         k = as_key_array(keys, spec)
         as_row_array(rows, len(k), spec)  # all input checks before any tier is touched
@@ -228,10 +229,16 @@ class StorageHierarchy:
         with self._locks[table]:
             self._generation[table] += 1
             bottom = len(self.tiers) - 1
-            self.tiers[bottom].put(table, keys, rows, unique=True)  # raises: nothing written above
+            self.tiers[bottom].put(table, keys, rows, unique=True, logged=logged)  # raises: nothing written above
             self._clear_pending(bottom, table, k)
             for u in range(bottom - 1, -1, -1):
                 self._write_upper(u, table, k, rows, held_only=self.tiers[u].update_only_cached)
+
+    def persist(self, tables: Sequence[str]) -> None:
+        """Make every row put to these tables durable in every tier (unlogged puts included)."""
+        for tier in self.tiers:
+            for table in tables:
+                tier.persist(table)
 
     def delete(self, table: str, keys: torch.Tensor) -> None:
         spec = self.spec(table)

@@ -174,10 +174,13 @@ class StorageTier(abc.ABC):
         return torch.from_numpy(rows), torch.from_numpy(found)
 
     def put(self, table: str, keys: torch.Tensor, rows: torch.Tensor, unique: bool = False,
-            held_only: bool = False) -> None:
+            held_only: bool = False, logged: bool = True) -> None:
         """Insert or overwrite rows; with repeated keys the last row wins (`unique=True`: the caller
         guarantees there are none, which saves a sort). `held_only`: overwrite only rows the tier holds
-        (a cache above the reference copy). Raises TierWriteError on failure."""
+        (a cache above the reference copy). `logged=False`: the rows may stay in volatile memory until
+        `persist(table)` (RocksDB: no write-ahead log), for a caller that can send them again after a
+        crash (the update consumer, which commits its offsets only after persist). Raises TierWriteError
+        on failure."""
         spec = self.spec(table)
         k = as_key_array(keys, spec)
         r = as_row_array(rows, len(k), spec)
@@ -193,13 +196,20 @@ class StorageTier(abc.ABC):
                 return
         t0 = time.perf_counter()
         try:
-            self._put(spec, k, r.astype(self.storage_dtype, copy=False))
+            (self._put if logged else self._put_unlogged)(spec, k, r.astype(self.storage_dtype, copy=False))
         finally:
             with self._stats_lock:
                 s = self._stats[table]
                 s.puts += 1
                 s.rows_written += len(k)
                 s.put_seconds += time.perf_counter() - t0
+
+    def persist(self, table: str) -> None:
+        """Make every row put so far durable, unlogged ones included. Tiers without an unlogged mode have
+        nothing to do."""
+
+    def _put_unlogged(self, spec: TableSpec, keys: np.ndarray, rows: np.ndarray) -> None:
+        self._put(spec, keys, rows)
 
     # which tiers take held_only puts (the hierarchy asks), and which of `keys` a tier holds
     update_only_cached = False

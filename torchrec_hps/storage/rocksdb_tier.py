@@ -39,7 +39,7 @@ class RocksDBTier(StorageTier):
 
     def __init__(self, config: RocksDBTierConfig) -> None:
         super().__init__(config.storage_dtype, config.promote)
-        from rocksdict import AccessType, BlockBasedOptions, Cache, DBCompressionType, Options, Rdict
+        from rocksdict import AccessType, BlockBasedOptions, Cache, DBCompressionType, Options, Rdict, WriteOptions
 
         self.config = config
         self._options = Options(raw_mode=True)
@@ -54,6 +54,8 @@ class RocksDBTier(StorageTier):
         self._options.set_compression_type(getattr(DBCompressionType, config.compression)())
         self._options.set_enable_pipelined_write(True)  # the WAL write of one batch overlaps the next's memtable
         self._options.set_write_buffer_size(config.write_buffer_mb * 1024 * 1024)
+        self._unlogged = WriteOptions()
+        self._unlogged.disable_wal = True
         path = os.path.abspath(config.path)
         try:
             if config.read_only:
@@ -102,6 +104,21 @@ class RocksDBTier(StorageTier):
         return self._rows_of_values(values, None, len(uniq), inverse, spec.dim)
 
     def _put(self, spec: TableSpec, keys: np.ndarray, rows: np.ndarray) -> None:
+        self._write_rows(spec, keys, rows, None)
+
+    def _put_unlogged(self, spec: TableSpec, keys: np.ndarray, rows: np.ndarray) -> None:
+        # no WAL: half the cost of a write here (bare rocksdict, 200K 512-byte rows: 0.74 -> 1.43M rows/s);
+        # the rows are durable at the next persist() (a memtable flush) and lost in a crash before it
+        self._write_rows(spec, keys, rows, self._unlogged)
+
+    def persist(self, table: str) -> None:
+        """Flush the table's memtable to an SST file (its unlogged rows become durable)."""
+        try:
+            self._cfs[self.spec(table).key].flush(True)
+        except Exception as e:
+            raise TierError(f"rocksdb: cannot flush table {table} at {self.path}: {e}") from e
+
+    def _write_rows(self, spec: TableSpec, keys: np.ndarray, rows: np.ndarray, write_opt) -> None:
         from rocksdict import WriteBatch
 
         handle = self._handles[spec.key]
@@ -114,7 +131,7 @@ class RocksDBTier(StorageTier):
             wb.set_default_column_family(handle)
             deque(map(wb.put, _key_list(keys[lo:hi]), _row_list(rows[lo:hi])), maxlen=0)
             try:
-                self._db.write(wb)
+                self._db.write(wb) if write_opt is None else self._db.write(wb, write_opt)
             except Exception as e:
                 self._count(spec.key, write_errors=len(keys) - lo)
                 raise TierWriteError(self.name, spec.key, keys[lo:], e) from e

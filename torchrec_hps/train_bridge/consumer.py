@@ -3,10 +3,15 @@ cache that holds them, then commit offsets (at-least-once; applying a row twice 
 
 Per poll: decode and check each message (malformed or foreign ones, and well-formed ones whose ids are out
 of the table's range or whose rows are not finite, are rejected one message at a time: skipped, counted
-and logged with topic/partition/offset once the batch commits), apply each table's rows in one hierarchy
-put and one cache update, commit the next offsets. Only a failure to apply (a tier down) holds offsets
-back: nothing is committed, the partitions are rewound to the first unapplied message and the batch is
-tried again after `retry_backoff` (its rejected messages are then counted once, when it commits).
+and logged with topic/partition/offset once the batch is applied), apply each table's rows in one
+hierarchy put and one cache update. Only a failure to apply (a tier down) holds offsets back: the
+partitions are rewound to the first unapplied message and the batch is tried again after `retry_backoff`
+(its rejected messages are then counted once, when it applies).
+
+Commits: every `commit_interval` seconds (and on stop, and when `wait_caught_up` asks), the tiers are
+persisted (RocksDB flushes the rows it took without its write-ahead log) and then the applied offsets are
+committed. A crash between two commits loses only rows that Kafka sends again to the group's next
+consumer. With `commit_interval=0` every batch is committed after logged writes.
 """
 from __future__ import annotations
 
@@ -78,6 +83,9 @@ class UpdateConsumer:
         self._lock = threading.Lock()
         self.stats = ConsumerStats()
         self._dlq = None  # the dead-letter producer, made on the first rejected message
+        self._applied: Dict[Tuple[str, int], int] = {}  # next offset per partition, applied, not committed
+        self._last_commit = time.monotonic()
+        self._commit_soon = False  # wait_caught_up asks for the next commit without waiting for the interval
 
     def _on_assign(self, consumer, partitions) -> None:
         if self._start_offsets:
@@ -95,6 +103,7 @@ class UpdateConsumer:
         # big batches under load
         first = self._consumer.poll(self.config.poll_timeout if timeout is None else timeout)
         if first is None:
+            self._commit_due()
             return 0
         msgs = [first] + (self._consumer.consume(max_messages - 1, 0) if max_messages > 1 else [])
         per_table: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -133,18 +142,43 @@ class UpdateConsumer:
                 self._consumer.seek(TopicPartition(topic, partition, offset))
             time.sleep(self.config.retry_backoff)
             return 0
-        if next_offset:
-            from confluent_kafka import TopicPartition
-
-            self._consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in next_offset.items()],
-                                  asynchronous=False)
-        for topic, partition, offset, reason, _ in rejected:  # counted once, with the batch that commits them
+        self._applied.update(next_offset)
+        self._commit_due()
+        for topic, partition, offset, reason, _ in rejected:  # counted once, with the batch that applies them
             logger.warning("skipping update %s[%d]@%d: %s", topic, partition, offset, reason)
         self.stats.rejected_messages += len(rejected)
         self.stats.applied_messages += applied
         self.stats.applied_rows += rows
         self.stats.last_applied_time = time.time()
         return applied
+
+    def commit(self) -> None:
+        """Persist the tiers and commit every applied offset now (the loop does so every commit_interval)."""
+        with self._lock:
+            self._commit_due(force=True)
+
+    def _commit_due(self, force: bool = False) -> None:
+        """Persist the tiers, then commit the applied offsets, once `commit_interval` has passed (or when
+        forced or asked). A failed persist commits nothing: the offsets wait for the next try."""
+        if not self._applied:
+            return
+        now = time.monotonic()
+        if not (force or self._commit_soon or self.config.commit_interval <= 0
+                or now - self._last_commit >= self.config.commit_interval):
+            return
+        from confluent_kafka import TopicPartition
+
+        if self.config.commit_interval > 0:  # writes went unlogged: make them durable first
+            try:
+                self.storage.persist([table_key(self.namespace, t) for t in self._table_of_topic.values()])
+            except Exception as e:
+                _warnings.warn(("consumer.persist", self.model, type(e).__name__),
+                               "persisting applied updates failed (%s); their offsets stay uncommitted", e)
+                return
+        self._consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in self._applied.items()],
+                              asynchronous=False)
+        self._applied = {}
+        self._last_commit, self._commit_soon = now, False
 
     def _dead_letter(self, rejected: List[Tuple[str, int, int, str, bytes]]) -> None:
         """Copy rejected messages to the dead-letter topic (delivered before this returns), if configured."""
@@ -199,7 +233,7 @@ class UpdateConsumer:
             if len(np.unique(k)) != len(k):  # repeated ids: the last (newest) row wins, deduped once here
                 idx = torch.from_numpy(last_occurrence(k))
                 ids, rows = ids[idx], rows[idx]
-            self.storage.put(table_key(self.namespace, table), ids, rows)
+            self.storage.put(table_key(self.namespace, table), ids, rows, logged=self.config.commit_interval <= 0)
             for module in self.modules:
                 if table in {c.name for c in module.embedding_bag_configs()}:
                     module.update(table, ids, rows, unique=True)
@@ -233,7 +267,8 @@ class UpdateConsumer:
             committed = self._consumer.committed(assignment, timeout=10)
             for tp in committed:
                 _, high = self._consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)
-                total += high - max(tp.offset, 0)
+                done = self._applied.get((tp.topic, tp.partition), tp.offset)  # applied, maybe not committed
+                total += high - max(done, 0)
         return total
 
     def wait_caught_up(self, timeout: float) -> bool:
@@ -253,6 +288,7 @@ class UpdateConsumer:
                     if high > 0:
                         targets.append((TopicPartition(topic, p), high))
         while targets:
+            self._commit_soon = True  # the running loop commits at its next poll, not at the interval
             with self._lock:
                 done = self._consumer.committed([tp for tp, _ in targets], timeout=self.config.connect_timeout)
             targets = [(tp, high) for (tp, high), c in zip(targets, done) if c.offset < high]
@@ -263,7 +299,12 @@ class UpdateConsumer:
         return True
 
     def stop(self) -> None:
+        """Stop the loop, persist and commit what was applied, leave the group."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        self._consumer.close()
+        with self._lock:
+            try:
+                self._commit_due(force=True)
+            finally:
+                self._consumer.close()
