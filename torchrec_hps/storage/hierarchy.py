@@ -234,11 +234,16 @@ class StorageHierarchy:
             for u in range(bottom - 1, -1, -1):
                 self._write_upper(u, table, k, rows, held_only=self.tiers[u].update_only_cached)
 
-    def persist(self, tables: Sequence[str]) -> None:
-        """Make every row put to these tables durable in every tier (unlogged puts included)."""
+    def persist(self, tables: Sequence[str], wait: bool = True) -> None:
+        """Make every row put to these tables durable in every tier (unlogged puts included); `wait=False`:
+        start that (see `persisted`)."""
         for tier in self.tiers:
             for table in tables:
-                tier.persist(table)
+                tier.persist(table, wait)
+
+    def persisted(self, tables: Sequence[str]) -> bool:
+        """Whether every persist of these tables started so far has finished, in every tier."""
+        return all(tier.persisted(table) for tier in self.tiers for table in tables)
 
     def delete(self, table: str, keys: torch.Tensor) -> None:
         spec = self.spec(table)

@@ -204,9 +204,13 @@ class StorageTier(abc.ABC):
                 s.rows_written += len(k)
                 s.put_seconds += time.perf_counter() - t0
 
-    def persist(self, table: str) -> None:
-        """Make every row put so far durable, unlogged ones included. Tiers without an unlogged mode have
-        nothing to do."""
+    def persist(self, table: str, wait: bool = True) -> None:
+        """Make every row put so far durable, unlogged ones included; `wait=False`: start that and return
+        (`persisted` says when it is done). Tiers without an unlogged mode have nothing to do."""
+
+    def persisted(self, table: str) -> bool:
+        """Whether every persist started so far has finished."""
+        return True
 
     def _put_unlogged(self, spec: TableSpec, keys: np.ndarray, rows: np.ndarray) -> None:
         self._put(spec, keys, rows)

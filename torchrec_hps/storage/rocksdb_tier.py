@@ -111,12 +111,18 @@ class RocksDBTier(StorageTier):
         # the rows are durable at the next persist() (a memtable flush) and lost in a crash before it
         self._write_rows(spec, keys, rows, self._unlogged)
 
-    def persist(self, table: str) -> None:
+    def persist(self, table: str, wait: bool = True) -> None:
         """Flush the table's memtable to an SST file (its unlogged rows become durable)."""
         try:
-            self._cfs[self.spec(table).key].flush(True)
+            self._cfs[self.spec(table).key].flush(wait)
         except Exception as e:
             raise TierError(f"rocksdb: cannot flush table {table} at {self.path}: {e}") from e
+
+    def persisted(self, table: str) -> bool:
+        # a flush turns the active memtable immutable and drops it from this count once its SST is installed
+        cf = self._cfs[self.spec(table).key]
+        return cf.property_int_value("rocksdb.num-immutable-mem-table") == 0 and \
+            cf.property_int_value("rocksdb.mem-table-flush-pending") == 0
 
     def _write_rows(self, spec: TableSpec, keys: np.ndarray, rows: np.ndarray, write_opt) -> None:
         from rocksdict import WriteBatch

@@ -8,9 +8,9 @@ hierarchy put and one cache update. Only a failure to apply (a tier down) holds 
 partitions are rewound to the first unapplied message and the batch is tried again after `retry_backoff`
 (its rejected messages are then counted once, when it applies).
 
-Commits: every `commit_interval` seconds (and on stop, and when `wait_caught_up` asks), the tiers are
-persisted (RocksDB flushes the rows it took without its write-ahead log) and then the applied offsets are
-committed. A crash between two commits loses only rows that Kafka sends again to the group's next
+Commits: every `commit_interval` seconds (and on stop, and when `wait_caught_up` asks), the tiers start
+persisting (RocksDB flushes the rows it took without its write-ahead log) and the loop goes on; the offsets
+applied before are committed once the flush has ended. A crash between two commits loses only rows that Kafka sends again to the group's next
 consumer. With `commit_interval=0` every batch is committed after logged writes.
 """
 from __future__ import annotations
@@ -77,13 +77,14 @@ class UpdateConsumer:
             # bigger fetches (fewer round trips when catching up), short broker waits (low latency on a trickle)
             "max.partition.fetch.bytes": 8 * 1024 * 1024, "fetch.wait.max.ms": 10, **config.consumer})
         self._start_offsets = dict(start_offsets or {})
-        self._consumer.subscribe(list(self._table_of_topic), on_assign=self._on_assign)
+        self._consumer.subscribe(list(self._table_of_topic), on_assign=self._on_assign, on_revoke=self._on_revoke)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self.stats = ConsumerStats()
         self._dlq = None  # the dead-letter producer, made on the first rejected message
         self._applied: Dict[Tuple[str, int], int] = {}  # next offset per partition, applied, not committed
+        self._flushing: Dict[Tuple[str, int], int] = {}  # applied, durable once the flush in flight ends
         self._last_commit = time.monotonic()
         self._commit_soon = False  # wait_caught_up asks for the next commit without waiting for the interval
 
@@ -95,6 +96,11 @@ class UpdateConsumer:
                 if committed.get(key, -1) < 0 and key in self._start_offsets:
                     tp.offset = self._start_offsets[key]
         consumer.assign(partitions)
+
+    def _on_revoke(self, consumer, partitions) -> None:
+        # the partitions go to another member: make what this one applied durable and commit it first
+        # (called inside poll, on the loop's thread)
+        self._commit_due(force=True)
 
     # ---- one poll ----
     def poll_once(self, max_messages: int = 500, timeout: Optional[float] = None) -> int:
@@ -158,27 +164,48 @@ class UpdateConsumer:
             self._commit_due(force=True)
 
     def _commit_due(self, force: bool = False) -> None:
-        """Persist the tiers, then commit the applied offsets, once `commit_interval` has passed (or when
-        forced or asked). A failed persist commits nothing: the offsets wait for the next try."""
-        if not self._applied:
+        """Commit applied offsets once their rows are durable. Logged writes (commit_interval 0): at once.
+        Else every commit_interval (or when forced or asked) a flush starts without waiting, and its
+        offsets are committed at a later call that finds it finished (the loop goes on applying meanwhile);
+        `force` waits for the flush. A failed persist commits nothing: the offsets wait for the next try."""
+        if self.config.commit_interval <= 0:
+            self._commit(self._applied)
+            self._applied = {}
             return
-        now = time.monotonic()
-        if not (force or self._commit_soon or self.config.commit_interval <= 0
-                or now - self._last_commit >= self.config.commit_interval):
-            return
-        from confluent_kafka import TopicPartition
-
-        if self.config.commit_interval > 0:  # writes went unlogged: make them durable first
-            try:
-                self.storage.persist([table_key(self.namespace, t) for t in self._table_of_topic.values()])
-            except Exception as e:
-                _warnings.warn(("consumer.persist", self.model, type(e).__name__),
-                               "persisting applied updates failed (%s); their offsets stay uncommitted", e)
+        tables = [table_key(self.namespace, t) for t in self._table_of_topic.values()]
+        try:
+            if self._flushing and (force or self.storage.persisted(tables)):
+                if force:
+                    self.storage.persist(tables)
+                self._commit(self._flushing)
+                self._flushing = {}
+            now = time.monotonic()
+            if not self._applied or self._flushing and not force:
+                return  # one flush in flight at a time
+            if force or self._commit_soon or now - self._last_commit >= self.config.commit_interval:
+                self.storage.persist(tables, wait=force)
+                self._last_commit, self._commit_soon = now, False
+                if force:
+                    self._commit(self._applied)
+                else:
+                    self._flushing = self._applied
+                self._applied = {}
+        except Exception as e:
+            _warnings.warn(("consumer.persist", self.model, type(e).__name__),
+                           "persisting or committing applied updates failed (%s); their offsets stay uncommitted", e)
+            try:  # offsets of partitions no longer ours are the new owner's to commit: never retried
+                owned = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+            except Exception:
                 return
-        self._consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in self._applied.items()],
-                              asynchronous=False)
-        self._applied = {}
-        self._last_commit, self._commit_soon = now, False
+            self._applied = {k: v for k, v in self._applied.items() if k in owned}
+            self._flushing = {k: v for k, v in self._flushing.items() if k in owned}
+
+    def _commit(self, offsets: Dict[Tuple[str, int], int]) -> None:
+        if offsets:
+            from confluent_kafka import TopicPartition
+
+            self._consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                                  asynchronous=False)
 
     def _dead_letter(self, rejected: List[Tuple[str, int, int, str, bytes]]) -> None:
         """Copy rejected messages to the dead-letter topic (delivered before this returns), if configured."""
@@ -267,7 +294,8 @@ class UpdateConsumer:
             committed = self._consumer.committed(assignment, timeout=10)
             for tp in committed:
                 _, high = self._consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)
-                done = self._applied.get((tp.topic, tp.partition), tp.offset)  # applied, maybe not committed
+                key = (tp.topic, tp.partition)  # applied, maybe not committed yet
+                done = self._applied.get(key, self._flushing.get(key, tp.offset))
                 total += high - max(done, 0)
         return total
 
