@@ -214,15 +214,17 @@ class StorageHierarchy:
             self._stats[table].promoted += promoted
 
     # ---- writes ----
-    def put(self, table: str, keys: torch.Tensor, rows: torch.Tensor, logged: bool = True) -> None:
+    def put(self, table: str, keys: torch.Tensor, rows: torch.Tensor, logged: bool = True,
+            unique: bool = False) -> None:
         """Write rows through every tier, bottom-up (see the module docstring for failure semantics).
-        `logged=False`: the bottom tier may hold them in volatile memory until `persist` (StorageTier.put)."""
+        `logged=False`: the bottom tier may hold them in volatile memory until `persist` (StorageTier.put);
+        `unique=True`: the caller guarantees distinct keys (no dedupe pass)."""
         spec = self.spec(table)
         k = as_key_array(keys, spec)
         as_row_array(rows, len(k), spec)  # all input checks before any tier is touched
         if len(k) == 0:
             return
-        if len(np.unique(k)) != len(k):  # dedupe once (last row wins) for every tier
+        if not unique and len(np.unique(k)) != len(k):  # dedupe once (last row wins) for every tier
             idx = last_occurrence(k)
             k = k[idx]
             keys, rows = torch.from_numpy(k), rows[torch.from_numpy(idx)]

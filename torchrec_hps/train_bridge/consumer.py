@@ -27,7 +27,7 @@ import torch
 from torchrec_hps.config import KafkaConfig, table_key
 from torchrec_hps.storage.hierarchy import StorageHierarchy
 from torchrec_hps.storage.interface import last_occurrence
-from torchrec_hps.train_bridge.wire import WireFormatError, decode
+from torchrec_hps.train_bridge.wire import WireFormatError, decode_arrays
 from torchrec_hps.warnings_log import limited
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class UpdateConsumer:
             self._commit_due()
             return 0
         msgs = [first] + (self._consumer.consume(max_messages - 1, 0) if max_messages > 1 else [])
-        per_table: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
+        per_table: Dict[str, List[Tuple[np.ndarray, np.ndarray]]] = {}
         first_offset: Dict[Tuple[str, int], int] = {}
         next_offset: Dict[Tuple[str, int], int] = {}
         applied = 0
@@ -128,7 +128,7 @@ class UpdateConsumer:
             try:
                 if table is None:
                     raise WireFormatError("topic not subscribed by this consumer")
-                ids, rows = decode(msg.value(), expected_dim=self._dims[table])
+                ids, rows = decode_arrays(msg.value(), expected_dim=self._dims[table])  # views: no copy yet
                 self._check_rows(table, ids, rows)
                 per_table.setdefault(table, []).append((ids, rows))
                 applied += 1
@@ -237,33 +237,36 @@ class UpdateConsumer:
             raise RuntimeError(f"dead-letter topic {topic!r}: {left} messages undelivered, errors {failed[:3]}")
         self.stats.dead_lettered += len(rejected)
 
-    def _check_rows(self, table: str, ids: torch.Tensor, rows: torch.Tensor) -> None:
+    def _check_rows(self, table: str, ids: np.ndarray, rows: np.ndarray) -> None:
         """A well-formed message can still carry rows no tier may take: reject it alone, not the batch."""
         n = self._rows[table]
-        bad = (ids < 0) | (ids >= n)
-        if bool(bad.any()):
+        if len(ids) and (ids.min() < 0 or ids.max() >= n):  # two reductions; the details only on failure
+            bad = (ids < 0) | (ids >= n)
             raise WireFormatError(f"table {table!r}: id {int(ids[bad][0])} is out of range [0, {n}) "
                                   f"({int(bad.sum())} of {len(ids)} ids)")
         # a row sum is finite unless a value is NaN/inf (or finite values overflow: then the exact check)
-        if not bool(torch.isfinite(rows.sum(1)).all()) and not bool(torch.isfinite(rows).all()):
-            raise WireFormatError(f"table {table!r}: rows hold NaN or infinite values")
+        with np.errstate(over="ignore", invalid="ignore"):
+            if not np.isfinite(rows.sum(1)).all() and not np.isfinite(rows).all():
+                raise WireFormatError(f"table {table!r}: rows hold NaN or infinite values")
 
-    def _apply(self, per_table: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]]) -> int:
+    def _apply(self, per_table: Dict[str, List[Tuple[np.ndarray, np.ndarray]]]) -> int:
         rows_applied = 0
         for table, parts in per_table.items():
-            ids = torch.cat([p[0] for p in parts])
-            rows = torch.cat([p[1] for p in parts])
+            ids = np.concatenate([p[0] for p in parts])  # the one copy out of the messages' buffers
             if len(ids) == 0:
                 continue
+            rows = np.concatenate([p[1] for p in parts]).astype(np.float32, copy=False)
             received = len(ids)  # counted as received: a row superseded in the same batch was applied too
-            k = ids.numpy()
-            if len(np.unique(k)) != len(k):  # repeated ids: the last (newest) row wins, deduped once here
-                idx = torch.from_numpy(last_occurrence(k))
+            if len(np.unique(ids)) != len(ids):  # repeated ids: the last (newest) row wins, deduped once here
+                idx = last_occurrence(ids)
                 ids, rows = ids[idx], rows[idx]
-            self.storage.put(table_key(self.namespace, table), ids, rows, logged=self.config.commit_interval <= 0)
+            ids_t, rows_t = torch.from_numpy(ids), torch.from_numpy(rows)
+            # ids are checked (per message) and distinct: the hierarchy and the caches skip both
+            self.storage.put(table_key(self.namespace, table), ids_t, rows_t, logged=self.config.commit_interval <= 0,
+                             unique=True)
             for module in self.modules:
                 if table in {c.name for c in module.embedding_bag_configs()}:
-                    module.update(table, ids, rows, unique=True)
+                    module.update(table, ids_t, rows_t, unique=True)
             rows_applied += received
         return rows_applied
 

@@ -56,6 +56,13 @@ def encode_chunks(ids: np.ndarray, rows: np.ndarray, max_bytes: int) -> List[byt
 
 def decode(data: bytes, expected_dim: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """(ids int64 [N], rows float32 [N, dim]); raises WireFormatError on any inconsistency."""
+    ids, rows = decode_arrays(data, expected_dim)
+    return torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(rows.astype(np.float32))
+
+
+def decode_arrays(data: bytes, expected_dim: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """As `decode`, without a copy: read-only views into `data` (ids int64 [N], rows [N, dim] in the
+    message's dtype), for a caller that concatenates messages anyway (the consumer)."""
     if data is None or len(data) < MIN_SIZE:
         raise WireFormatError(f"truncated: {0 if data is None else len(data)} bytes, header and checksum need {MIN_SIZE}")
     magic, version, code, reserved, dim, count = _HEADER.unpack_from(data)
@@ -78,4 +85,4 @@ def decode(data: bytes, expected_dim: int = 0) -> Tuple[torch.Tensor, torch.Tens
         raise WireFormatError(f"dim {dim} does not match the table's dim {expected_dim}")
     ids = np.frombuffer(data, dtype="<i8", count=count, offset=_HEADER.size)
     rows = np.frombuffer(data, dtype=dtype, count=count * dim, offset=_HEADER.size + 8 * count).reshape(count, dim)
-    return torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(rows.astype(np.float32))
+    return ids, rows
