@@ -328,9 +328,10 @@ class KafkaConfig:
     group_id: Optional[str] = None  # consumer group; one per node for node-local tiers
     poll_timeout: float = 0.2
     retry_backoff: float = 0.5  # seconds before re-applying a batch whose tier write failed
-    # seconds between the consumer's offset commits: applied rows go to RocksDB without its write-ahead log
-    # and are flushed just before each commit, so a crash loses nothing Kafka does not send again (the
-    # group resumes at the last commit); 0: commit after every batch, every write logged
+    # seconds between the consumer's offset commits: applied rows go to RocksDB without its write-ahead log,
+    # a flush starts each interval and the offsets applied before it are committed once it has ended, so a
+    # crash loses nothing Kafka does not send again (the group resumes at the last commit); 0: commit after
+    # every batch, every write logged
     commit_interval: float = 1.0
     connect_timeout: float = 30.0  # seconds a publisher or consumer waits at start for the brokers to answer
     catch_up_timeout: float = 300.0  # a version loaded from Kafka-updated tiers goes live once its consumer caught up

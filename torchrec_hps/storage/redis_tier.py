@@ -371,23 +371,22 @@ class RedisTier(StorageTier):
     def _delete(self, spec: TableSpec, keys: np.ndarray) -> None:
         self._write(spec, self._calls(spec, keys, "HDEL"), keys)
 
-    def _on_each_hash(self, spec: TableSpec, command: str) -> list:
-        """`command <hash>` on every partition hash of a table, routed (and redirected) like row commands."""
+    def _on_each_hash(self, spec: TableSpec, command: str, what: str) -> list:
+        """`command <hash>` on every partition hash of a table, routed (and redirected) like row commands;
+        the replies, or TierError ("cannot <what>") for the first that failed."""
         names = self._hash_names(spec)
-        return self._execute([_Call(n, (_header(command, n, 0),), _NO_POSITIONS) for n in names], breaker=False)
-
-    def _num_rows(self, spec: TableSpec) -> int:
-        replies = self._on_each_hash(spec, "HLEN")
+        replies = self._execute([_Call(n, (_header(command, n, 0),), _NO_POSITIONS) for n in names], breaker=False)
         failed = next((r for r in replies if isinstance(r, Exception)), None)
         if failed is not None:
-            raise TierError(f"redis: cannot count rows of {spec.key}: {failed}") from failed
-        return int(sum(replies))
+            raise TierError(f"redis: cannot {what}: {failed}") from failed
+        return replies
+
+    def _num_rows(self, spec: TableSpec) -> int:
+        return int(sum(self._on_each_hash(spec, "HLEN", f"count rows of {spec.key}")))
 
     def drop_table(self, table: str) -> None:
         """Remove every row of `table` from Redis (all its partition hashes)."""
-        failed = next((r for r in self._on_each_hash(self.spec(table), "DEL") if isinstance(r, Exception)), None)
-        if failed is not None:
-            raise TierError(f"redis: cannot drop table {table}: {failed}") from failed
+        self._on_each_hash(self.spec(table), "DEL", f"drop table {table}")
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
