@@ -176,7 +176,10 @@ class RocksDBTier(StorageTier):
         return list(Rdict.list_cf(self.config.path))
 
     def flush(self) -> None:
-        self._db.flush()
+        """Flush every table's memtable to SST files (rocksdict's `flush` covers one column family: the
+        database's own flushed only the default one, which holds no rows)."""
+        for table in list(self._cfs):
+            self.persist(table)
 
     def close(self) -> None:
         if self._db is None:
