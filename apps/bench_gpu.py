@@ -23,6 +23,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of our budget variant per shape")
     p.add_argument("--admission", default="always",
                    help="HBM admission policies of the budget variants, comma-separated (always, second_access, never)")
+    p.add_argument("--eviction", default="lru", choices=["lru", "lfu"], help="eviction policy of the budget variants")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gpu: CUDA is not available here; run it on a GPU machine", file=sys.stderr)
@@ -31,7 +32,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     results = run_gpu_bench(num_tables=args.tables, rows=args.rows, dim=args.dim, reps=args.reps,
                             warmup=args.warmup, budget=args.budget, profile=args.profile,
-                            admissions=[a.strip() for a in args.admission.split(",") if a.strip()])
+                            admissions=[a.strip() for a in args.admission.split(",") if a.strip()],
+                            eviction=args.eviction)
     save_json(args.json, {"device": torch.cuda.get_device_name(), "results": results})
     return 0
 

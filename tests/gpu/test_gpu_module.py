@@ -74,15 +74,18 @@ def test_cuda_module_async_then_exact(tmp_path, ratio):
     storage.close()
 
 
-@pytest.mark.parametrize("graphs,pooled_in_graph,weighted,zero_copy", [
-    (True, True, False, True), (True, False, False, True), (True, False, True, True), (False, False, False, True),
-    (True, True, False, False)])
-def test_lookup_graphs_serve_all_hit_lookups_exactly(tmp_path, monkeypatch, graphs, pooled_in_graph, weighted,
-                                                     zero_copy):
+@pytest.mark.parametrize("graphs,ring,weighted,zero_copy,resident", [
+    (True, True, False, True, True), (True, True, False, True, False), (True, False, False, True, True),
+    (True, False, True, True, False), (False, False, False, True, True), (True, True, False, False, False)])
+def test_lookup_graphs_serve_all_hit_lookups_exactly(tmp_path, monkeypatch, graphs, ring, weighted, zero_copy,
+                                                     resident):
+    """Every row in HBM: read by id (resident) or, with one row gone from the cache, through the probe; the
+    TBE inside the graph into its ring of output buffers or after it; outputs held by the caller are never
+    written again."""
     from torchrec_hps.modules.cache import lookup_path
 
-    if not pooled_in_graph:
-        monkeypatch.setattr(lookup_path, "POOLED_IN_GRAPH_MAX_BYTES", 0)
+    if not ring:
+        monkeypatch.setattr(lookup_path, "RING_MAX_BYTES", 0)
     monkeypatch.setattr(lookup_path, "ZERO_COPY", zero_copy)
     ref = EmbeddingBagCollection(tables=SUM_TABLES, is_weighted=weighted)
     storage = StorageHierarchy.from_config(StorageConfig(memory=MemoryTierConfig(capacity=100),
@@ -95,22 +98,63 @@ def test_lookup_graphs_serve_all_hit_lookups_exactly(tmp_path, monkeypatch, grap
         hps.prefill(t.name, torch.arange(t.num_embeddings))
     (group,) = hps.engine.groups
     assert check_hbm_level(group) == sum(t.num_embeddings for t in SUM_TABLES)  # prefill filled HBM too
+    if not resident:  # a row never looked up below: the cache is short of one, so lookups probe
+        hps.invalidate("t3", torch.tensor([499]))
+    assert bool(group.residency) == resident
     gen = torch.Generator().manual_seed(3)
-    n_ids, outs = 0, []
-    for batch in (8, 8, 32, 8, 1):
+    n_ids, outs, kjts = 0, [], []
+    for batch in (8, 8, 32, 8, 1, 8):
         kjt = random_kjt(SUM_TABLES, batch, gen=gen, weighted=weighted)
+        kjt.values()[kjt.values() == 499] = 498
         n_ids += kjt.values().numel()
-        out = hps(kjt.to(torch.device("cuda"))).values()
-        outs.append(out)
+        outs.append(hps(kjt.to(torch.device("cuda"))).values())  # held: later lookups must not overwrite them
+        kjts.append(kjt)
+    for kjt, out in zip(kjts, outs):
         torch.testing.assert_close(out.cpu(), ref(kjt).values().detach(), rtol=1e-5, atol=1e-5)
-    assert outs[0].data_ptr() != outs[1].data_ptr()  # each lookup's output is its own tensor
-    assert group.path.runs == 5 and group.path.reruns == 0
-    shape = group.path._shapes[(8, 1024, weighted, False)]  # (batch, bucket, weighted, prefetch)
-    assert (shape.graph is not None) == graphs and shape.pooled_in_graph == (graphs and pooled_in_graph)
+    assert len({o.data_ptr() for o in outs}) == len(outs)  # each lookup's output is its own memory
+    assert group.path.runs == 6 and group.path.reruns == 0
+    shape = group.path._shapes[(8, 1024, weighted, False, resident)]  # (batch, bucket, weighted, prefetch, resident)
+    assert (shape.graph is not None) == graphs and len(shape.ring) == (lookup_path.RING_SIZE if ring else 0)
     assert shape.zero_copy == zero_copy  # with Triton on the GPU: kernels use the pinned buffers in place
+    if ring:  # a ring buffer given up by the caller serves again
+        ptrs = {m.out.data_ptr() for m in shape.ring}
+        assert ptrs <= {o.data_ptr() for o in outs}  # the first two batch-8 lookups took both buffers
+        del outs[:]
+        again = hps(kjts[0].to(torch.device("cuda"))).values()
+        assert again.data_ptr() in ptrs
+        torch.testing.assert_close(again.cpu(), ref(kjts[0]).values().detach(), rtol=1e-5, atol=1e-5)
     s = hps.stats()
-    assert sum(s[t.name]["ids"] for t in SUM_TABLES) == n_ids
+    assert sum(s[t.name]["ids"] for t in SUM_TABLES) == n_ids + (kjts[0].values().numel() if ring else 0)
     assert all(s[t.name]["hits"] == s[t.name]["ids"] for t in SUM_TABLES)  # every id from HBM
+    hps.close()
+    storage.close()
+
+
+def test_tables_of_one_width_held_whole_are_read_as_fbgemm_device_tables(tmp_path):
+    """Every row resident and every table's rows as wide as the HBM rows: the TBE reads our HBM rows as its
+    own DEVICE tables (no cache locations); exact, updates seen, a bad id refused."""
+    from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
+
+    tables = [EmbeddingBagConfig(name=f"u{i}", embedding_dim=16, num_embeddings=300 + 100 * i,
+                                 feature_names=[f"g{i}"]) for i in range(3)]
+    ref, storage, hps = _setup(tmp_path, 1.0, threshold=1.0, tables=tables)
+    for t in tables:
+        hps.prefill(t.name, torch.arange(t.num_embeddings))
+    (group,) = hps.engine.groups
+    assert bool(group.residency) and not group.resident_locs
+    gen = torch.Generator().manual_seed(11)
+    for batch in (4, 64, 4):
+        kjt = random_kjt(tables, batch, gen=gen)
+        torch.testing.assert_close(hps(kjt.to(torch.device("cuda"))).values().cpu(), ref(kjt).values().detach(),
+                                   rtol=1e-5, atol=1e-5)
+    assert all(key[4] for key in group.path._shapes) and group.path.reruns == 0
+    hps.update("u2", torch.tensor([499]), torch.full((1, 16), 2.5))
+    one = KeyedJaggedTensor(keys=["g0", "g1", "g2"], values=torch.tensor([499], device="cuda"),
+                            lengths=torch.tensor([0, 0, 1], device="cuda"))
+    assert torch.equal(hps(one).values()[0, 32:].cpu(), torch.full((16,), 2.5))
+    with pytest.raises(ValueError, match="out of range"):
+        hps(KeyedJaggedTensor(keys=["g0", "g1", "g2"], values=torch.tensor([300], device="cuda"),
+                              lengths=torch.tensor([1, 0, 0], device="cuda")))
     hps.close()
     storage.close()
 

@@ -17,3 +17,4 @@ def test_triton_kernels_equal_torch_references():
     assert out.returncode == 0, out.stdout + out.stderr
     assert "probe and admission kernels match the torch reference" in out.stdout
     assert "offsets kernels match the torch reference" in out.stdout
+    assert "resident kernel matches the torch reference" in out.stdout

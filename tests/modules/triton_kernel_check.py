@@ -1,5 +1,5 @@
 """Run as `TRITON_INTERPRET=1 python -m tests.modules.triton_kernel_check`: the all-hit path's Triton kernels
-(probe_kernel.py, hbm_level.py, offsets_kernel.py), run by Triton's interpreter on the CPU, against their torch references
+(probe_kernel.py, hbm_level.py, offsets_kernel.py, resident.py), run by Triton's interpreter on the CPU, against their torch references
 on random inputs (test_triton_kernels.py)."""
 from __future__ import annotations
 
@@ -211,10 +211,47 @@ def check_offsets() -> None:
     print("offsets kernels match the torch reference")
 
 
+def check_resident() -> None:
+    import triton
+
+    from torchrec_hps.modules.cache import resident as rk
+
+    g = torch.Generator().manual_seed(2)
+    seen = set()
+    for trial in range(8):
+        n_features = [1, 3, 8, 5][trial % 4]
+        rows = torch.tensor([int(r) for r in torch.randint(5, 3000, (n_features,), generator=g)] + [0])
+        per = torch.randint(0, 700, (n_features,), generator=g)
+        n = int(per.sum())
+        ends = torch.cumsum(per, 0)
+        bucket = max(1024, triton.next_power_of_2(n + 1))
+        values = torch.cat([torch.randint(0, int(r), (int(c),), generator=g) for r, c in zip(rows, per)]
+                           + [torch.randint(-5, 9, (bucket - n,), generator=g)])
+        if trial % 2 == 1 and n:
+            values[int(torch.randint(0, n, (1,), generator=g))] = [-1, 10 ** 9][trial % 4 // 2]  # out of range
+        entry_base = torch.cat([torch.tensor([0]), torch.cumsum(rows[:-1] + 16, 0)])
+        outs = []
+        for fused in (False, True):
+            index = torch.full((bucket,), -7, dtype=torch.int32)
+            locs = torch.full((bucket,), -7, dtype=torch.int32) if trial % 4 < 2 else None
+            flags = torch.zeros(1, dtype=torch.int32)
+            counts = torch.randint(0, 9, (4, n_features), generator=torch.Generator().manual_seed(trial))
+            args = (values, torch.tensor([n, 3, 1, 6]), ends, rows, trial % 2, trial % 3 == 0, index, flags, counts,
+                    locs, entry_base)
+            (rk.launch_resident_index if fused else rk.resident_index_torch)(*args)
+            outs.append((index, flags, counts, locs if locs is not None else index))
+        for name, ref, out in zip(("index", "flags", "counts", "locs"), *outs):
+            assert torch.equal(ref, out), f"trial {trial}: {name} differ: {ref} vs {out}"
+        seen.add(int(outs[0][1]))
+    assert seen == {0, rk.FLAG_INVALID}, seen
+    print("resident kernel matches the torch reference")
+
+
 def main() -> int:
     assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before importing triton"
     check_probe_and_admission()
     check_offsets()
+    check_resident()
     return 0
 
 

@@ -92,7 +92,8 @@ def _fbgemm_tbe(specs, location, dev, budget: float):
 
 def run_gpu_bench(num_tables: int = 8, rows: int = 4_000_000, dim: int = 128, shapes: Sequence[Tuple[int, int]] = SHAPES,
                   reps: int = 30, warmup: int = 20, budget: float = 0.1, profile: bool = False,
-                  admissions: Sequence[str] = ("always",), log: Callable[[str], None] = print) -> List[Dict]:
+                  admissions: Sequence[str] = ("always",), eviction: str = "lru",
+                  log: Callable[[str], None] = print) -> List[Dict]:
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
     from torchrec import EmbeddingBagConfig
 
@@ -111,11 +112,13 @@ def run_gpu_bench(num_tables: int = 8, rows: int = 4_000_000, dim: int = 128, sh
 
     def hps(ratio: float, admission: str = "always") -> HPSEmbeddingBagCollection:
         cfg = HPSConfig(model="gpubench", cache=CacheConfig(cache_ratio=ratio, host_cache_ratio=1.0,
-                                                            hit_rate_threshold=1.0, admission=admission))
+                                                            hit_rate_threshold=1.0, admission=admission,
+                                                            eviction=eviction))
         return HPSEmbeddingBagCollection(tables, cfg, storage=storage, device=dev)
 
     all_cached = hps(1.0)  # registers the tables with the storage
-    budgeted = {f"ours {budget:.0%} sync" + ("" if a == "always" else f" {a}"): hps(budget, a) for a in admissions}
+    budgeted = {f"ours {budget:.0%} sync" + ("" if a == "always" else f" {a}") + ("" if eviction == "lru" else
+                f" {eviction}"): hps(budget, a) for a in admissions}
     ours_sync = next(iter(budgeted.values()))
     gen = torch.Generator(device=dev).manual_seed(0)
     chunk = 1 << 20

@@ -28,8 +28,9 @@ from torchrec_hps.modules.cache.layout import (ADMISSION, FLAG_INVALID, FLAG_LAY
 from torchrec_hps.modules.cache.lookup_path import LookupPath, Shape
 from torchrec_hps.modules.cache.miss_path import AsyncInserter, fetch_misses, insert_rows, overwrite_uncached
 from torchrec_hps.modules.cache.probe_kernel import ProbeTables
+from torchrec_hps.modules.cache.resident import Residency
 from torchrec_hps.modules.cache.set_index import SetIndex
-from torchrec_hps.modules.cache.tbe_direct import bind_pooled_lookup
+from torchrec_hps.modules.cache.tbe_direct import bind_pooled_lookup, bind_resident_lookup, resident_binding_fits
 from torchrec_hps.storage.hierarchy import StorageHierarchy
 
 HASHED_ID_BOUND = (1 << 63) - 1
@@ -138,6 +139,19 @@ class TBECacheGroup(EmbeddingCacheGroup):
             # HBM holding the whole host level is written with it (insert_rows): lookups admit nothing
             admission=ADMISSION["never"] if hbm_whole else ADMISSION[config.admission],
             all_direct=all_direct, touch=not (all_direct and (hbm_whole or self.hbm is None)))
+        # every table held whole: once every id is held too, lookups read the rows by id (resident.py); on
+        # CUDA from HBM, which must then hold every entry in rows of the tables' own width
+        # CUDA from HBM, which must then hold every entry: as the tables' own rows where they have the HBM rows'
+        # width, else as cache locations (one more int per id)
+        hbm_reads = cuda and self.hbm is not None
+        self.residency = Residency(self, all_direct and (self.hbm is None or hbm_whole))
+        self.resident_locs = hbm_reads and not resident_binding_fits(self.tbe, self.hbm.rows)
+        if hbm_reads and not self.resident_locs:
+            self.resident_lookup = bind_resident_lookup(self.tbe, self.hbm.rows, self.index.entry_base_np)
+            self.resident_shift = 0  # the id is the row past its table's first
+        else:  # the host rows (the CPU path; on CUDA with the locations): id k is host row RESERVED_SLOTS + k
+            self.resident_lookup = self.pooled_lookup
+            self.resident_shift = RESERVED_SLOTS
         # per table: ids looked up, ids not served from HBM (the host level on CPU), ids in neither level,
         # distinct hits; counted on the device as lookups go
         self.totals = torch.zeros(4, len(self.specs), dtype=torch.int64, device=device)
@@ -179,6 +193,7 @@ class TBECacheGroup(EmbeddingCacheGroup):
             return None
         if flags & FLAG_MISS:
             overflow = fetch_misses(self, shape, values.numel())
+            out = None  # (a graph's output buffer is used again only once nothing holds it)
             out, _, shape = self.path.run(values, lengths, per_sample_weights, self._tick, False, allow_invalid,
                                           rerun=True)
             for t, left in overflow.items():
@@ -379,6 +394,7 @@ class TBECacheGroup(EmbeddingCacheGroup):
         if self.hbm is not None:
             self.hbm.drop(entries)
         self.index.remove(entries)
+        self.residency.changed()
         self._mark()
 
     def insert_missing(self, t: int, keys: np.ndarray) -> None:

@@ -35,6 +35,8 @@ from torchrec_hps.modules.cache.set_index import _NEVER, pick_ways
 try:
     import triton
     import triton.language as tl
+
+    from torchrec_hps.modules.cache.triton_util import _upper_bound
 except ImportError:  # pragma: no cover
     triton = None
 
@@ -278,16 +280,7 @@ if triton is not None:
         old = tl.load(tags_ptr + row, mask=kept, other=-1)
         tl.store(way_ptr + old, tl.full([BLOCK_SIZE], _NO_WAY_C, tl.int8), mask=kept & (old >= 0))
         tl.store(tags_ptr + row, e.to(tl.int32), mask=kept)
-        lo = tl.zeros([BLOCK_SIZE], dtype=tl.int64)
-        hi = tl.zeros([BLOCK_SIZE], dtype=tl.int64) + n_tables
-        for _ in tl.static_range(SEARCH_STEPS):  # the table: upper bound of e in entry_base, minus one
-            active = lo < hi
-            mid = (lo + hi) // 2
-            b = tl.load(entry_base_ptr + mid, mask=active, other=0)
-            right = active & (b <= e)
-            lo = tl.where(right, mid + 1, lo)
-            hi = tl.where(active & (~right), mid, hi)
-        table = lo - 1
+        table = _upper_bound(e, entry_base_ptr, n_tables, SEARCH_STEPS, BLOCK_SIZE) - 1
         n_words = tl.load(row_words_ptr + table, mask=ok, other=0)
         src = tl.load(word_offset_ptr + table, mask=ok, other=0) + \
             (_RESERVED + e - tl.load(entry_base_ptr + table, mask=ok, other=0)) * n_words

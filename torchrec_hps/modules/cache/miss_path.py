@@ -79,6 +79,7 @@ def insert_rows(g: "TBECacheGroup", batch: Sequence[Tuple[int, np.ndarray, torch
     ids = torch.from_numpy(np.concatenate([k for _, k, _, _ in batch]).astype(np.int64))
     tables_d, ids_d = tables.to(g.device), ids.to(g.device)
     entries, evicted, _ = g.index.insert(tables_d, ids_d, tick=g._tick, protect_tick=protect_tick)
+    g.residency.changed()
     if g.hbm is not None:
         g.hbm.drop(evicted)
     slots = g.index.local_slots(tables_d, entries).cpu()

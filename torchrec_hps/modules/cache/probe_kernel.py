@@ -29,6 +29,8 @@ from torchrec_hps.modules.cache.layout import (ADMIT_ALWAYS, ADMIT_NEVER, ADMIT_
 try:  # Triton comes with torch on Linux; the kernel is only launched on CUDA tensors
     import triton
     import triton.language as tl
+
+    from torchrec_hps.modules.cache.triton_util import _count, _upper_bound
 except ImportError:  # pragma: no cover
     triton = None
 
@@ -142,19 +144,6 @@ if triton is not None:
     _MUL, _MASK = tl.constexpr(HASH_MUL), tl.constexpr(HASH_MASK)
 
     @triton.jit
-    def _count(counts_ptr, fidx, mask, n_features):
-        # features are contiguous runs: one atomic each for the block's first and last feature, per-id atomics
-        # only for features strictly between them (small batches)
-        f_lo = tl.min(tl.where(mask, fidx, n_features), axis=0)
-        f_hi = tl.max(tl.where(mask, fidx, -1), axis=0)
-        c_lo = tl.sum((mask & (fidx == f_lo)).to(tl.int64), axis=0)
-        c_hi = tl.sum((mask & (fidx == f_hi) & (f_hi != f_lo)).to(tl.int64), axis=0)
-        tl.atomic_add(counts_ptr + f_lo, c_lo, mask=c_lo > 0)
-        tl.atomic_add(counts_ptr + f_hi, c_hi, mask=c_hi > 0)
-        mid = mask & (fidx > f_lo) & (fidx < f_hi)
-        tl.atomic_add(counts_ptr + fidx, tl.full(fidx.shape, 1, tl.int64), mask=mid)
-
-    @triton.jit
     def _probe_kernel(values_ptr, scalars_ptr, ends_ptr, n_features, rows_ptr, set_base_ptr, n_sets_ptr,
                       entry_base_ptr, direct_ptr, keys_ptr, ticks_ptr, freq_ptr, hbm_way_ptr, hbm_n_sets, slots_ptr,
                       locs_ptr, entries_ptr, cand_ptr, cand_count_ptr, flags_ptr, counts_ptr, bucket,
@@ -165,16 +154,7 @@ if triton is not None:
         in_bucket = pos < bucket
         n = tl.load(scalars_ptr)
         tick = tl.load(scalars_ptr + 1).to(tl.int32)
-        lo = tl.zeros([BLOCK_SIZE], dtype=tl.int64)
-        hi = tl.zeros([BLOCK_SIZE], dtype=tl.int64) + n_features
-        for _ in tl.static_range(SEARCH_STEPS):  # upper bound of pos in ends[0:F]
-            active = lo < hi
-            mid = (lo + hi) // 2
-            e = tl.load(ends_ptr + mid, mask=active, other=0)
-            right = active & (e <= pos)
-            lo = tl.where(right, mid + 1, lo)
-            hi = tl.where(active & (~right), mid, hi)
-        fidx = lo
+        fidx = _upper_bound(pos, ends_ptr, n_features, SEARCH_STEPS, BLOCK_SIZE)
         live = pos < n
         v = tl.load(values_ptr + pos, mask=live, other=0).to(tl.int64)
         rows = tl.load(rows_ptr + fidx, mask=in_bucket, other=0)
