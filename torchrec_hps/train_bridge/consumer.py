@@ -31,6 +31,8 @@ from torchrec_hps.train_bridge.wire import WireFormatError, decode_arrays
 from torchrec_hps.warnings_log import limited
 
 logger = logging.getLogger(__name__)
+
+_ROWS_BUFFER_MAX = 64 << 20  # float32 values (256 MB) the joined-rows buffer may keep; larger polls allocate
 _warnings = limited(logger)
 
 
@@ -69,6 +71,7 @@ class UpdateConsumer:
         self._table_of_topic = {config.topic(model, t): t for t in tables}
         self._dims = {t: storage.spec(table_key(self.namespace, t)).dim for t in tables}
         self._rows = {t: storage.spec(table_key(self.namespace, t)).num_rows for t in tables}
+        self._rows_buffer = np.empty(0, dtype=np.float32)  # _joined_rows
         ensure_topics(config, list(self._table_of_topic))
         group = group_id or config.group_id or f"hps-{model}"
         self._consumer = Consumer({
@@ -249,13 +252,27 @@ class UpdateConsumer:
             if not np.isfinite(rows.sum(1)).all() and not np.isfinite(rows).all():
                 raise WireFormatError(f"table {table!r}: rows hold NaN or infinite values")
 
+    def _joined_rows(self, parts: List[np.ndarray]) -> np.ndarray:
+        """The messages' rows as one float32 array, in a buffer kept from poll to poll (the tiers and caches
+        copy what they take): a fresh array of a poll's size (tens of MB) is mapped anew by the allocator
+        each time, and its first-touch page faults cost several times the copy (113 vs 14 ms for 51 MB)."""
+        n, dim = sum(len(p) for p in parts), parts[0].shape[1]
+        if n * dim > _ROWS_BUFFER_MAX:
+            return np.concatenate(parts).astype(np.float32, copy=False)
+        if self._rows_buffer.size < n * dim:
+            self._rows_buffer = np.empty(min(max(n * dim, 2 * self._rows_buffer.size), _ROWS_BUFFER_MAX),
+                                         dtype=np.float32)
+        out = self._rows_buffer[:n * dim].reshape(n, dim)
+        np.concatenate(parts, out=out)
+        return out
+
     def _apply(self, per_table: Dict[str, List[Tuple[np.ndarray, np.ndarray]]]) -> int:
         rows_applied = 0
         for table, parts in per_table.items():
             ids = np.concatenate([p[0] for p in parts])  # the one copy out of the messages' buffers
             if len(ids) == 0:
                 continue
-            rows = np.concatenate([p[1] for p in parts]).astype(np.float32, copy=False)
+            rows = self._joined_rows([p[1] for p in parts])
             received = len(ids)  # counted as received: a row superseded in the same batch was applied too
             if len(np.unique(ids)) != len(ids):  # repeated ids: the last (newest) row wins, deduped once here
                 idx = last_occurrence(ids)
