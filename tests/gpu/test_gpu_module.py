@@ -123,8 +123,17 @@ def test_lookup_graphs_serve_all_hit_lookups_exactly(tmp_path, monkeypatch, grap
         again = hps(kjts[0].to(torch.device("cuda"))).values()
         assert again.data_ptr() in ptrs
         torch.testing.assert_close(again.cpu(), ref(kjts[0]).values().detach(), rtol=1e-5, atol=1e-5)
+        del again
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # the buffers' last readers were on the default stream: not reused here
+            other = hps(kjts[1].to(torch.device("cuda"))).values()
+        side.synchronize()
+        assert other.data_ptr() not in ptrs
+        torch.testing.assert_close(other.cpu(), ref(kjts[1]).values().detach(), rtol=1e-5, atol=1e-5)
     s = hps.stats()
-    assert sum(s[t.name]["ids"] for t in SUM_TABLES) == n_ids + (kjts[0].values().numel() if ring else 0)
+    extra = kjts[0].values().numel() + kjts[1].values().numel() if ring else 0
+    assert sum(s[t.name]["ids"] for t in SUM_TABLES) == n_ids + extra
     assert all(s[t.name]["hits"] == s[t.name]["ids"] for t in SUM_TABLES)  # every id from HBM
     hps.close()
     storage.close()

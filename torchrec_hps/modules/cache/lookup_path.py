@@ -73,9 +73,12 @@ class RingMember:
     out: torch.Tensor
     flags_ready: torch.cuda.Event  # recorded inside the graph once the flags are written, before the TBE
     own_uses: int  # the buffer storage's use count while only the member holds it
+    stream: int = 0  # the stream it last ran on
 
-    def free(self) -> bool:
-        return _storage_uses(self.out) <= self.own_uses
+    def free(self, stream: int) -> bool:
+        """Nothing outside holds the buffer, and work that read it was queued on `stream` (as torch's caching
+        allocator reuses a freed block on its own stream only: another stream may still be reading it)."""
+        return (self.stream == stream or self.stream == 0) and _storage_uses(self.out) <= self.own_uses
 
 
 def _storage_uses(t: torch.Tensor) -> int:
@@ -182,9 +185,9 @@ class Shape:
             return g.resident_lookup(self.slots[:n], self.offsets, weights)
         return g.pooled_lookup(self.slots[:n], self.offsets, weights, self.probe_out.locs[:n])
 
-    def free_member(self) -> Optional[RingMember]:
+    def free_member(self, stream: int) -> Optional[RingMember]:
         for member in self.ring:
-            if member.free():
+            if member.free(stream):
                 return member
         return None
 
@@ -290,10 +293,14 @@ class LookupPath:
         # (the probe path runs it again)
         blocking = FLAG_LAYOUT if allow_invalid and not resident else FLAG_LAYOUT | FLAG_INVALID
         shape.scalars_np[:] = (n, tick, int(count), blocking)
-        member = shape.free_member() if shape.ring else None
+        member = None
+        if shape.ring:
+            stream = torch.cuda.current_stream(g.device).cuda_stream
+            member = shape.free_member(stream)
         ready = shape.event
         if member is not None:
             member.graph.replay()
+            member.stream = stream
             ready = member.flags_ready
         elif shape.graph is not None:
             shape.graph.replay()
