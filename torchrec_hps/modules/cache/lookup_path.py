@@ -73,12 +73,12 @@ class RingMember:
     out: torch.Tensor
     flags_ready: torch.cuda.Event  # recorded inside the graph once the flags are written, before the TBE
     own_uses: int  # the buffer storage's use count while only the member holds it
-    stream: int = 0  # the stream it last ran on
+    stream: Optional[int] = None  # the stream it last ran on (0 is the default stream's handle)
 
     def free(self, stream: int) -> bool:
         """Nothing outside holds the buffer, and work that read it was queued on `stream` (as torch's caching
         allocator reuses a freed block on its own stream only: another stream may still be reading it)."""
-        return (self.stream == stream or self.stream == 0) and _storage_uses(self.out) <= self.own_uses
+        return (self.stream is None or self.stream == stream) and _storage_uses(self.out) <= self.own_uses
 
 
 def _storage_uses(t: torch.Tensor) -> int:
