@@ -31,9 +31,8 @@ from torchrec_hps.train_bridge.wire import WireFormatError, decode_arrays
 from torchrec_hps.warnings_log import limited
 
 logger = logging.getLogger(__name__)
-
-_ROWS_BUFFER_MAX = 64 << 20  # float32 values (256 MB) the joined-rows buffer may keep; larger polls allocate
 _warnings = limited(logger)
+_ROWS_BUFFER_MAX = 64 << 20  # float32 values (256 MB) the joined-rows buffer may keep; larger polls allocate
 
 
 @dataclass

@@ -140,7 +140,6 @@ class TBECacheGroup(EmbeddingCacheGroup):
             admission=ADMISSION["never"] if hbm_whole else ADMISSION[config.admission],
             all_direct=all_direct, touch=not (all_direct and (hbm_whole or self.hbm is None)))
         # every table held whole: once every id is held too, lookups read the rows by id (resident.py); on
-        # CUDA from HBM, which must then hold every entry in rows of the tables' own width
         # CUDA from HBM, which must then hold every entry: as the tables' own rows where they have the HBM rows'
         # width, else as cache locations (one more int per id)
         hbm_reads = cuda and self.hbm is not None

@@ -98,19 +98,20 @@ class Shape:
         self.resident = resident
         self.values = torch.zeros(bucket, dtype=torch.int64, device=dev)
         self.lengths = torch.zeros(F * batch, dtype=torch.int64, device=dev)
-        lean = resident  # the resident kernel writes the TBE's index (slots), flags and counts (locs at most)
+        # the resident kernel writes the TBE's index (slots), the flags and counts, and locs at most
         self.probe_out = ProbeOut(
             slots=torch.zeros(bucket, dtype=torch.int32, device=dev),
-            locs=torch.full((0 if lean and not group.resident_locs else bucket,), -1, dtype=torch.int32, device=dev),
-            entries=torch.full((0 if lean else bucket,), -1, dtype=torch.int32, device=dev),
-            cand=torch.zeros(0 if lean else bucket, dtype=torch.int32, device=dev),
+            locs=torch.full((0 if resident and not group.resident_locs else bucket,), -1, dtype=torch.int32,
+                            device=dev),
+            entries=torch.full((0 if resident else bucket,), -1, dtype=torch.int32, device=dev),
+            cand=torch.zeros(0 if resident else bucket, dtype=torch.int32, device=dev),
             cand_count=torch.zeros(1, dtype=torch.int32, device=dev),
             flags=torch.zeros(1, dtype=torch.int32, device=dev),
             counts=torch.zeros(4, F, dtype=torch.int64, device=dev))
-        self.victims = torch.zeros(0 if lean else bucket, dtype=torch.int32, device=dev)
+        self.victims = torch.zeros(0 if resident else bucket, dtype=torch.int32, device=dev)
         # every buffer a graph writes is the shape's own: one shared by shapes and regrown would be freed
         # (and handed to other tensors) under the graphs captured before
-        self.sort_idx = torch.empty(bucket if group.hbm is not None and not group.hbm.direct and not lean else 0,
+        self.sort_idx = torch.empty(bucket if group.hbm is not None and not group.hbm.direct and not resident else 0,
                                     dtype=torch.int64, device=dev)
         self.offsets = torch.zeros(F * batch + 1, dtype=torch.int32, device=dev)
         self.ends = torch.zeros(F, dtype=torch.int64, device=dev)
